@@ -1,0 +1,1 @@
+"""Export: ONNX, INT8 (QDQ), OpenVINO IR, TensorRT, verified into model bundles."""

@@ -1,0 +1,1 @@
+"""Synthetic Pap-smear fields with exact labels (torch-free: numpy + OpenCV)."""

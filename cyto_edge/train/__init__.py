@@ -1,0 +1,1 @@
+"""Training side (PyTorch). Importing this package does not import torch; submodules that need it do."""

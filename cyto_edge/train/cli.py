@@ -11,12 +11,10 @@ data_app = typer.Typer(help="Check, split and describe datasets.", no_args_is_he
 
 
 def register(app: typer.Typer) -> None:
-    app.add_typer(data_app, name="data")
+    from cyto_edge.train.data import cli as data_cli
 
-    @data_app.command("check")
-    def data_check(path: Path = typer.Argument(..., help="Dataset directory or annotation file.")):
-        """Validate a dataset: per-class counts, image and box sizes; exit 2 naming the first problem."""
-        not_yet("data check", "datasets")
+    data_cli.register(data_app)
+    app.add_typer(data_app, name="data")
 
     @app.command("train")
     def train(config: str = typer.Argument(..., help="YAML recipe or the name of a shipped recipe.")):

@@ -1,13 +1,14 @@
-"""Training-side commands. Nothing here imports torch at module level."""
+"""Training-side commands, one module per area under train/commands/. Nothing here imports torch at
+module level, so `cyto-edge --help` and the data commands work on a device without torch."""
 from __future__ import annotations
 
-from pathlib import Path
+import importlib
 
 import typer
 
-from cyto_edge._cli_util import not_yet
-
 data_app = typer.Typer(help="Check, split and describe datasets.", no_args_is_help=True)
+
+MODULES = ("train", "distill", "evaluate", "classifier", "grader", "pretrain", "explain")
 
 
 def register(app: typer.Typer) -> None:
@@ -15,26 +16,5 @@ def register(app: typer.Typer) -> None:
 
     data_cli.register(data_app)
     app.add_typer(data_app, name="data")
-
-    @app.command("train")
-    def train(config: str = typer.Argument(..., help="YAML recipe or the name of a shipped recipe.")):
-        """Train a teacher or student detector."""
-        not_yet("train", "detection core")
-
-    @app.command("distill")
-    def distill(config: str = typer.Argument(...), teacher: Path = typer.Option(..., "--teacher")):
-        """Train a student with local distillation from a frozen teacher."""
-        not_yet("distill", "local distillation")
-
-    @app.command("eval")
-    def evaluate(model: Path = typer.Argument(..., help="Checkpoint (.pt) or bundle (.cytobundle)."),
-                 data: Path = typer.Option(..., "--data")):
-        """Evaluate a checkpoint or a bundle on a dataset."""
-        not_yet("eval", "detection core")
-
-    for name, issue in [("train-classifier", "second-stage models"), ("train-grader", "second-stage models"),
-                        ("pretrain", "self-supervised pretraining"), ("explain", "explanations")]:
-        def _stub(_name=name, _issue=issue):
-            not_yet(_name, _issue)
-        _stub.__doc__ = f"Not available yet ({issue})."
-        app.command(name)(_stub)
+    for m in MODULES:
+        importlib.import_module(f"cyto_edge.train.commands.{m}").register(app)

@@ -190,3 +190,23 @@ def test_fov_metrics():
     assert (lsil.tp, lsil.fn, lsil.tn, lsil.fp) == (2, 0, 4, 0) and lsil.specificity == 1.0
     with pytest.raises(BadInput, match="CIN2"):
         fov_metrics(["CIN2"], ["NILM"])
+
+
+def test_pr_plots_written(tmp_path):
+    from cyto_edge.runtime.plots import PALETTE, _px, write_pr_plots
+
+    cv2 = pytest.importorskip("cv2")
+    classes, gt, preds = _random_case(3)
+    m = evaluate_detections(gt, preds, classes, score_threshold=0.4)
+    paths = write_pr_plots(m, tmp_path / "plots")
+    with_gt = [c for c in m.classes if c.n_gt]
+    assert [p.name for p in paths] == [f"pr_{c.name}.png" for c in with_gt] + ["pr_all.png"]
+    for i, p in enumerate(paths[:-1]):
+        img = cv2.imread(str(p))
+        assert img is not None and img.shape[2] == 3
+        # the curve is drawn in the class colour where the first detection sits (recall 0, precision p0)
+        c = with_gt[i]
+        (x, y), = _px(np.array([0.0]), c.raw_precision[:1])[:, 0]
+        patch = img[max(y - 3, 0):y + 4, x:x + 6].reshape(-1, 3).astype(int)
+        assert (np.abs(patch - np.array(PALETTE[i % len(PALETTE)])).sum(1) < 60).any()
+    assert cv2.imread(str(paths[-1])).shape == cv2.imread(str(paths[0])).shape

@@ -46,11 +46,25 @@ for _mod in COMMAND_MODULES:
     importlib.import_module(_mod).register(app)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: one-line errors with exit codes 1 (failed check) or 2 (bad usage / input)."""
+def _click_errors() -> tuple[tuple, tuple, tuple]:
+    """(exit, abort, usage-error) classes: click's and, for typer >= 0.2x, typer's vendored copies."""
     import click
 
+    exits, aborts, usage = {click.exceptions.Exit, typer.Exit}, {click.exceptions.Abort, typer.Abort}, {click.ClickException}
+    try:
+        from typer._click.exceptions import ClickException
+    except ImportError:  # older typer uses click itself
+        pass
+    else:
+        usage.add(ClickException)
+    return tuple(exits), tuple(aborts), tuple(usage)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: one-line errors with exit codes 1 (failed check) or 2 (bad usage / input)."""
     from cyto_edge.errors import CytoError, format_validation_error
+
+    exits, aborts, usage_errors = _click_errors()
 
     try:
         app(args=argv, standalone_mode=False, prog_name="cyto-edge")
@@ -58,12 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     except CytoError as e:
         typer.secho(f"error: {e}", err=True, fg="red")
         return e.exit_code
-    except click.exceptions.Exit as e:
+    except exits as e:
         return e.exit_code
-    except click.exceptions.Abort:
+    except aborts:
         typer.secho("aborted", err=True)
         return 130
-    except click.ClickException as e:
+    except usage_errors as e:
         e.show()
         return 2
     except KeyboardInterrupt:

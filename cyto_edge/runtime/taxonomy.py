@@ -39,6 +39,9 @@ DEFAULT_ALIASES: dict[str, str] = {
     "cand": "candida", "candida spp": "candida", "fungi": "candida",
     "flora": "flora", "clue": "flora", "clue cell": "flora", "bacterial flora": "flora",
     "herpes": "herps", "hsv": "herps", "actin": "actinomyces", "actinomycetes": "actinomyces",
+    "trichomonad": "trichomonas", "candida albicans": "candida", "yeast": "candida",
+    "herpes simplex": "herps", "herpes simplex virus": "herps", "actino": "actinomyces",
+    "squamous cell carcinoma": "scc", "atypical glandular cells": "agc",
 }
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from cyto_edge.runtime.tiling import normalize_batch
 from cyto_edge.train.data.types import DetectionDataset, ImageRecord
 
 MEAN = (0.485, 0.456, 0.406)
@@ -68,10 +69,8 @@ class ImageCache:
 
 
 def normalize(img_rgb: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 RGB -> (3, H, W) float32 normalized, as the bundle's InputSpec describes."""
-    x = img_rgb.astype(np.float32) * (1.0 / 255.0)
-    x = (x - np.asarray(MEAN, np.float32)) / np.asarray(STD, np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+    """(H, W, 3) uint8 RGB -> (3, H, W) float32 normalized, exactly as the runtime does."""
+    return normalize_batch(img_rgb[None], MEAN, STD)[0]
 
 
 def _colour(img: np.ndarray, aug: AugConfig, rng: np.random.Generator) -> np.ndarray:

@@ -72,3 +72,37 @@ class DetectionDataset:
             h.update(np.round(im.boxes, 1).astype(np.float32).tobytes())
             h.update(im.labels.astype(np.int64).tobytes())
         return h.hexdigest()[:16]
+
+
+@dataclass
+class ClassItem:
+    """One cell of a classification set: an image file, its class and, when the file holds more than
+    the cell (SIPaKMeD's full-field images), the cell's box as float32 (4,) xyxy pixels in that file."""
+
+    file: Path
+    label: int
+    box: np.ndarray | None = None  # (4,) float32 xyxy px; None: the whole image is the cell
+    cell_id: str = ""
+
+
+@dataclass
+class ClassificationDataset:
+    root: Path
+    classes: list[str]
+    items: list[ClassItem]
+    taxonomy: Taxonomy | None = None     # class -> Bethesda category, when known
+    name: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def class_counts(self) -> np.ndarray:
+        counts = np.zeros(self.num_classes, np.int64)
+        for it in self.items:
+            counts[it.label] += 1
+        return counts

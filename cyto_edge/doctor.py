@@ -7,6 +7,7 @@ probe's error; doctor itself always exits 0.
 from __future__ import annotations
 
 import glob
+import importlib
 import importlib.util
 import os
 import platform
@@ -141,12 +142,13 @@ def probe_platform() -> dict:
 
 # ------------------------------------------------------------------------------------ libraries
 
-def probe_numpy() -> dict:
-    if not _has("numpy"):
-        return _missing("runtime")
-    import numpy
-
-    return {"installed": True, "version": numpy.__version__}
+def _version_probe(module: str, extra: str, hint: str = ""):
+    """A probe that only reports whether `module` imports and its __version__."""
+    def probe() -> dict:
+        if not _has(module):
+            return _missing(extra, hint)
+        return {"installed": True, "version": importlib.import_module(module).__version__}
+    return probe
 
 
 def opencv_has_gstreamer(build_info: str) -> bool:
@@ -232,14 +234,6 @@ def probe_openvino() -> dict:
     return {"installed": True, "version": version, "devices": list(devices), "device_names": devices}
 
 
-def probe_tensorrt() -> dict:
-    if not _has("tensorrt"):
-        return _missing("jetson", "on a Jetson TensorRT comes with JetPack (python3-libnvinfer)")
-    import tensorrt as trt
-
-    return {"installed": True, "version": trt.__version__}
-
-
 def probe_pycuda() -> dict:
     if not _has("pycuda"):
         return _missing("jetson")
@@ -313,11 +307,25 @@ def probe_extras() -> dict:
     return {extra: [m for m in mods if not _has(m)] for extra, mods in EXTRAS.items()}
 
 
+def board_warning(board: str | None, jetson: bool, venv: bool, system_site: bool | None) -> str | None:
+    """A venv on a Jetson / Raspberry Pi that cannot see the system's TensorRT, OpenCV or picamera2."""
+    kind = "Jetson" if jetson or (board and "jetson" in board.lower()) else (
+        "Raspberry Pi" if board and "raspberry pi" in board.lower() else None)
+    if kind and venv and not system_site:
+        what = "JetPack's TensorRT and GStreamer OpenCV" if kind == "Jetson" else "picamera2 and libcamera"
+        return (f"this venv has no system site-packages, so it cannot see {what} on this {kind}: "
+                "recreate it with python3 -m venv --system-site-packages")
+    return None
+
+
 # ------------------------------------------------------------------------------------- assemble
 
-PROBES = {"python": probe_python, "platform": probe_platform, "cpu": cpu_info, "numpy": probe_numpy,
-          "opencv": probe_opencv, "torch": probe_torch, "onnxruntime": probe_onnxruntime,
-          "openvino": probe_openvino, "tensorrt": probe_tensorrt, "pycuda": probe_pycuda,
+TENSORRT_HINT = ("on a Jetson TensorRT comes with JetPack (python3-libnvinfer): use a venv with "
+                 "--system-site-packages")
+PROBES = {"python": probe_python, "platform": probe_platform, "cpu": cpu_info,
+          "numpy": _version_probe("numpy", "runtime"), "opencv": probe_opencv, "torch": probe_torch,
+          "onnxruntime": probe_onnxruntime, "openvino": probe_openvino,
+          "tensorrt": _version_probe("tensorrt", "jetson", TENSORRT_HINT), "pycuda": probe_pycuda,
           "picamera2": probe_picamera2}
 
 
@@ -333,6 +341,10 @@ def collect(camera_timeout: float = 3.0) -> dict:
     extras = report.get("extras_missing")
     report["missing_extras"] = sorted(k for k, v in extras.items() if v) if isinstance(extras, dict) else []
     report["warnings"] = [v["warning"] for v in report.values() if isinstance(v, dict) and v.get("warning")]
+    pf, py = report.get("platform", {}), report.get("python", {})
+    if "error" not in pf and "error" not in py:
+        warn = board_warning(pf["board"], pf["jetson"], py["venv"], py["system_site_packages"])
+        report["warnings"] += [warn] if warn else []
     return report
 
 

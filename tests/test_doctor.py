@@ -154,3 +154,11 @@ def test_extras_table_matches_pyproject():
                 dist = dist.split(op)[0]
             mod = import_names.get(dist.lower(), dist.lower().replace("-", "_"))
             assert mod in doctor.EXTRAS[extra], f"doctor's EXTRAS[{extra!r}] lacks {mod!r} ({req})"
+
+
+def test_board_venv_warning():
+    w = doctor.board_warning("NVIDIA Jetson Orin Nano Developer Kit", True, True, False)
+    assert w and "TensorRT" in w and "--system-site-packages" in w
+    assert "picamera2" in doctor.board_warning("Raspberry Pi 5 Model B Rev 1.0", False, True, False)
+    assert doctor.board_warning("Raspberry Pi 5 Model B Rev 1.0", False, True, True) is None
+    assert doctor.board_warning(None, False, True, False) is None     # a PC: nothing to say

@@ -54,7 +54,7 @@ def decode_sizes(files: list[Path], progress: bool = True, workers: int | None =
     show = progress and len(files) >= PROGRESS_FROM
     with _native_stderr_silenced() as err, ThreadPoolExecutor(workers) as pool:
         it = pool.map(_decode_size, [str(f) for f in files])
-        if not show:
+        if not (show and getattr(err, "isatty", lambda: False)()):
             return list(it)
         from rich.console import Console
         from rich.progress import Progress

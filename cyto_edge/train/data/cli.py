@@ -62,7 +62,7 @@ def run_check(path: Path, split, mapping, point_box, um_per_px, as_json: bool) -
     if as_json:
         print_json({"path": str(path), "format": fmt, "ok": True, "sets": sets})
     else:
-        con.print(f"[green]OK[/green]: {len(sets)} set(s) checked, every image decoded")
+        con.print(f"[green]OK[/green]: {len(sets)} set(s) checked, every image decoded", highlight=False)
 
 
 def run_stats(path: Path, split, mapping, point_box, um_per_px, as_json: bool) -> None:

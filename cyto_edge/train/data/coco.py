@@ -121,7 +121,7 @@ def read_coco(path: Path, images_dir: Path | None, lm: LabelMap) -> DetectionDat
     cats = _categories(_list(d, "categories", path, required=bool(anns)), path, lm)
     bases = [b for b in (images_dir, path.parent) if b is not None]
     records = [_image_record(im, i, path, bases, lm) for i, im in enumerate(images)]
-    check_unique_ids(records, f"{path}: images")
+    check_unique_ids(records, f"{path}: images", indexed=True)
     ds = DetectionDataset(root=path.parent, classes=lm.classes, images=records, taxonomy=lm.taxonomy,
                           um_per_px=_um_per_px(d, path), name=path.stem)
     _read_annotations(anns, path, records, cats, ds.warnings)

@@ -53,13 +53,15 @@ class BoxCollector:
         return boxes, np.asarray(self.labels, np.int64)
 
 
-def check_unique_ids(records: list[ImageRecord], where: str) -> None:
+def check_unique_ids(records: list[ImageRecord], where: str, indexed: bool = False) -> None:
+    """Image ids and files are unique; `indexed`: name the duplicate as `where[i].id`."""
     seen: dict = {}
     files: dict = {}
-    for r in records:
+    for i, r in enumerate(records):
         key = (type(r.image_id).__name__, r.image_id)
         if key in seen:
-            raise BadInput(f"{where}: duplicate image id {r.image_id!r}; image ids must be unique")
+            field = f"{where}[{i}].id" if indexed else where
+            raise BadInput(f"{field}: duplicate image id {r.image_id!r}; image ids must be unique")
         seen[key] = r
         f = str(Path(r.file).resolve())
         if f in files:

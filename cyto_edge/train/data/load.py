@@ -107,8 +107,10 @@ def _pick_split(path: Path, split: str | None) -> str | None:
         return split
     if f"{split}.split" in splits:
         return f"{split}.split"
-    if splits == [None] and detect_format(path) in ("voc", "cric"):
-        return None  # no split listing: the whole set
+    if splits == [None]:
+        if split == "train":
+            return None  # a set without splits is all train (carve val with split_dataset)
+        raise BadInput(f"{path}: has no splits, so no {split!r} split; omit --split (or use train)")
     raise BadInput(f"{path}: no split {split!r} (found: {', '.join(str(s) for s in splits)})")
 
 
@@ -130,7 +132,13 @@ def _load_coco(p: Path, split: str | None, lm) -> DetectionDataset:
     ds = read_coco(jpath, images_dir, lm)
     bases = [b for b in (images_dir, jpath.parent) if b is not None]
     _add_weak(ds, jpath.parent / f"{name}_labels.csv", bases, lm)
+    _not_empty(ds, jpath)
     return ds
+
+
+def _not_empty(ds: DetectionDataset, source: Path) -> None:
+    if not ds.images:
+        raise BadInput(f"{source}: images: the set is empty; add images and annotations")
 
 
 def _load_voc(p: Path, split: str | None, lm) -> DetectionDataset:
@@ -146,6 +154,7 @@ def _load_voc(p: Path, split: str | None, lm) -> DetectionDataset:
     check_unique_ids(records, f"{root}")
     image_dirs = (voc_layout(root) or (root, [root]))[1]
     _add_weak(ds, _label_csvs(root).get(split), image_dirs, lm)
+    _not_empty(ds, p)
     return ds
 
 
@@ -157,7 +166,9 @@ def _load_weak(p: Path, split: str | None, lm) -> DetectionDataset:
     bases = [b for b in (root / split if split else None, root, root / "images") if b is not None]
     records = read_labels_csv(csv, bases, lm)
     check_unique_ids(records, f"{csv}")
-    return DetectionDataset(root=root, classes=lm.classes, images=records, taxonomy=lm.taxonomy, name=csv.stem)
+    ds = DetectionDataset(root=root, classes=lm.classes, images=records, taxonomy=lm.taxonomy, name=csv.stem)
+    _not_empty(ds, csv)
+    return ds
 
 
 def _load_cric(p: Path, lm, side_px: float) -> DetectionDataset:
@@ -166,8 +177,10 @@ def _load_cric(p: Path, lm, side_px: float) -> DetectionDataset:
     csv = p if p.is_file() else p / "classifications.csv"
     warnings: list[str] = []
     records = read_cric(csv, lm, side_px, warnings)
-    return DetectionDataset(root=csv.parent, classes=lm.classes, images=records, taxonomy=lm.taxonomy,
-                            name=csv.parent.name, warnings=warnings)
+    ds = DetectionDataset(root=csv.parent, classes=lm.classes, images=records, taxonomy=lm.taxonomy,
+                          name=csv.parent.name, warnings=warnings)
+    _not_empty(ds, csv)
+    return ds
 
 
 def load_detection(path: str | Path, split: str | None = None, mapping=None, *,
@@ -176,7 +189,7 @@ def load_detection(path: str | Path, split: str | None = None, mapping=None, *,
     """Read a detection dataset of any supported format (see the module docstring).
 
     split: "train", "test", "val" (val.json, else the val.split.json written by `data split`),
-           "train.split", or None (the only split, or train). mapping: None (default taxonomy), a
+           "train.split", or None (the only split, or train). A set without splits is all "train". mapping: None (default taxonomy), a
            class-mapping file, a Taxonomy or a LabelMap. point_box_px / point_box_um: side of the square
            box around a CRIC nucleus (default 100 px; µm needs um_per_px). um_per_px: the images' scale
            when the annotations do not record it (overrides info.um_per_px).

@@ -97,7 +97,7 @@ def _check(b: np.ndarray, lab: np.ndarray, num_classes: int, where: str) -> None
                        f"is outside 0..{num_classes - 1} ({num_classes} classes)")
 
 
-def _prepare(gt: Sequence, preds: Sequence, num_classes: int, include_weak: bool):
+def prepare_pairs(gt: Sequence, preds: Sequence, num_classes: int, include_weak: bool):
     """-> (list of (_Image, _Pred) kept in list order, number of weak images skipped)."""
     if len(gt) != len(preds):
         raise BadInput(f"{len(gt)} ground-truth images but {len(preds)} prediction entries; give one per image")
@@ -303,7 +303,7 @@ def evaluate_detections(gt: Sequence, preds: Sequence, classes: Sequence[str], *
     operating point for the precision / recall / mean-IoU columns; AP uses every detection.
     """
     classes = list(classes)
-    pairs, skipped = _prepare(gt, preds, len(classes), include_weak)
+    pairs, skipped = prepare_pairs(gt, preds, len(classes), include_weak)
     thr = _thresholds(score_threshold, classes)
     per = [_class_metrics(c, match_class(pairs, k, IOU_THRESHOLDS, max_dets), float(thr[k]))
            for k, c in enumerate(classes)]

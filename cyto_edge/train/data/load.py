@@ -95,6 +95,10 @@ def available_splits(path: str | Path) -> list[str | None]:
     return [None]
 
 
+def _is_coco_dir(path: Path) -> bool:
+    return path.is_dir() and detect_format(path) == "coco"
+
+
 def _pick_split(path: Path, split: str | None) -> str | None:
     splits = available_splits(path)
     if split is None:
@@ -103,7 +107,7 @@ def _pick_split(path: Path, split: str | None) -> str | None:
         if "train" in splits:
             return "train"
         raise BadInput(f"{path}: holds several splits ({', '.join(map(str, splits))}); choose one with --split")
-    if split in splits:
+    if split in splits or (_is_coco_dir(path) and (path / f"{split}.json").is_file()):
         return split
     if f"{split}.split" in splits:
         return f"{split}.split"
@@ -114,21 +118,38 @@ def _pick_split(path: Path, split: str | None) -> str | None:
     raise BadInput(f"{path}: no split {split!r} (found: {', '.join(str(s) for s in splits)})")
 
 
+def _names(ds: DetectionDataset, classes) -> str:
+    return ";".join(sorted(ds.classes[c] for c in classes)) or "(none)"
+
+
 def _add_weak(ds: DetectionDataset, csv: Path | None, bases: list[Path], lm) -> None:
+    """Add the weak images of a labels CSV. An image the annotations already hold as weak must carry
+    the same labels (synth writes both); one they hold with boxes keeps its boxes (with a warning)."""
     if csv is None or not csv.is_file():
         return
     from cyto_edge.train.data.weak import read_labels_csv
 
-    ds.images += read_labels_csv(csv, bases, lm)
+    known = {Path(im.file).resolve(): im for im in ds.images}
+    for rec in read_labels_csv(csv, bases, lm):
+        old = known.get(Path(rec.file).resolve())
+        if old is None:
+            ds.images.append(rec)
+        elif old.boxed:
+            ds.warnings.append(f"{csv}: {rec.image_id}: image-level labels ignored, the image has boxes")
+        elif old.classes_present != rec.classes_present:
+            raise BadInput(f"{csv}: labels of {rec.image_id!r} ({_names(ds, rec.classes_present)}) differ from "
+                           f"its image_labels in the annotations ({_names(ds, old.classes_present)}); make them agree")
     check_unique_ids(ds.images, f"{csv}")
 
 
 def _load_coco(p: Path, split: str | None, lm) -> DetectionDataset:
     from cyto_edge.train.data.coco import read_coco
 
-    jpath = p if p.is_file() else _coco_jsons(p)[split]
+    jpath = p if p.is_file() else p / f"{split}.json"
     name = jpath.name[:-5]
-    images_dir = jpath.parent / name if (jpath.parent / name).is_dir() else None
+    # images of train.json are in train/; of train.clean.json / train.split.json also in train/
+    dirs = [jpath.parent / n for n in (name, name.split(".")[0]) if (jpath.parent / n).is_dir()]
+    images_dir = dirs[0] if dirs else None
     ds = read_coco(jpath, images_dir, lm)
     bases = [b for b in (images_dir, jpath.parent) if b is not None]
     _add_weak(ds, jpath.parent / f"{name}_labels.csv", bases, lm)

@@ -102,7 +102,7 @@ def _truth(ds: DetectionDataset) -> dict:
         for k, v in im.truth.items():
             values.setdefault(k, []).append(v)
     out = {"images_with_truth": sum(1 for im in ds.images if im.truth)}
-    for k, vs in sorted(values.items()):
+    for k, vs in sorted(values.items(), key=lambda kv: (kv[0] != "fov_grade", kv[0])):
         nums = [v for v in vs if isinstance(v, (int, float)) and not isinstance(v, bool)]
         if nums and len(nums) == len(vs):
             out[k] = {"min": _r(min(nums)), "mean": _r(np.mean(nums)), "max": _r(max(nums))}

@@ -106,3 +106,27 @@ def test_to_coco_round_trip(coco_root, tmp_path):
     assert again.fingerprint() == ds.fingerprint()
     assert again.um_per_px == 0.5
     assert _by_id(again)[1002].truth == _by_id(ds)[1002].truth
+
+
+def test_labels_csv_repeating_weak_images_of_the_json(coco_root):
+    """synth lists its weak images both in train.json (image_labels) and in train_labels.csv."""
+    csv = coco_root / "train_labels.csv"
+    csv.write_text(csv.read_text() + "weak_20.png,lsil;trich\nweak_21.png,\ntrain_001.png,hsil\n")
+    ds = load_detection(coco_root, "train")
+    assert len(ds) == 16  # nothing added twice
+    assert any("train_001.png: image-level labels ignored, the image has boxes" in w for w in ds.warnings)
+    csv.write_text("file,labels\nweak_20.png,lsil\n")
+    with pytest.raises(BadInput, match=r"train_labels.csv: labels of 'weak_20.png' \(lsil\) differ from its "
+                                       r"image_labels in the annotations \(lsil;trichomonas\)"):
+        load_detection(coco_root, "train")
+
+
+def test_other_json_names_find_the_split_folder(coco_root):
+    """train.clean.json (synth's exact boxes) has its images in train/, like train.json."""
+    d = json.loads((coco_root / "train.json").read_text())
+    (coco_root / "train.clean.json").write_text(json.dumps(d))
+    from cyto_edge.train.data import available_splits
+
+    assert available_splits(coco_root) == ["train", "test"]  # the named splits only
+    ds = load_detection(coco_root, "train.clean")
+    assert len(ds) == 14 and ds.images[0].file.parent.name == "train"

@@ -113,3 +113,14 @@ def test_cell_cut_by_tile_border_is_found_once():
     merged = merge_tiles(per_tile, g)
     assert len(merged) == 1
     np.testing.assert_allclose(merged.boxes[0], obj)
+
+
+def test_nms_large_input_uses_loop_and_agrees():
+    rng = np.random.default_rng(7)
+    n = 2500
+    xy = rng.uniform(0, 1000, (n, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(5, 80, (n, 2))], 1).astype(np.float32)
+    scores = rng.uniform(0, 1, n).astype(np.float32)
+    ours = B.nms(boxes, scores, 0.5)
+    ref = tv_ops.nms(torch.from_numpy(boxes), torch.from_numpy(scores), 0.5).numpy()
+    np.testing.assert_array_equal(ours, ref)

@@ -89,8 +89,10 @@ class SSDDetector(nn.Module):
         out = self.head(feats)
         return out["bbox_regression"], out["cls_logits"]  # (N, P, 4), (N, P, C+1)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.predict(self.features(x))
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        feats = self.features(x)
+        loc, logits = self.predict(feats)
+        return (loc, logits, feats) if return_features else (loc, logits)
 
 
 def _register(name: str):

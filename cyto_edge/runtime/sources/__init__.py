@@ -2,7 +2,7 @@
 
     file:///path/video.mp4 | file:///path/image.png   a video or an image (opencv)
     v4l2:///dev/video0 | 0                           a USB / V4L2 camera by device path or index (opencv)
-    rtsp://host/stream                               a network stream (opencv)
+    rtsp://host/stream | http://host/video.mjpg      a network stream (opencv)
     gst://PIPELINE                                   a GStreamer pipeline, e.g. nvarguscamerasrc (opencv)
     picam2://0                                       a Raspberry Pi camera (picamera2)
     folder:///path/dir                               replay of the images in a folder
@@ -48,6 +48,8 @@ SOURCES: Registry = Registry("camera source", {
     "file": "cyto_edge.runtime.sources.opencv:OpenCVSource",
     "v4l2": "cyto_edge.runtime.sources.opencv:OpenCVSource",
     "rtsp": "cyto_edge.runtime.sources.opencv:OpenCVSource",
+    "http": "cyto_edge.runtime.sources.opencv:OpenCVSource",
+    "https": "cyto_edge.runtime.sources.opencv:OpenCVSource",
     "gst": "cyto_edge.runtime.sources.opencv:OpenCVSource",
     "picam2": "cyto_edge.runtime.sources.picamera2:Picamera2Source",
     "folder": "cyto_edge.runtime.sources.folder:FolderSource",

@@ -20,9 +20,9 @@ from cyto_edge.runtime.sources.base import SourceBase, coerce, uri_options
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pnm", ".jp2"}
 
 
-def natural_key(path: Path) -> list:
-    """`f2.png` before `f10.png`."""
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", path.name)]
+def natural_key(name: str) -> list:
+    """`f2.png` before `f10.png` (text and numbers alternate, so keys always compare)."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
 
 
 def folder_path(uri: str) -> Path:

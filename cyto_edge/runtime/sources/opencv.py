@@ -115,6 +115,7 @@ class OpenCVSource(SourceBase):
         self._pending: np.ndarray | None = None  # first frame read while opening
         self._image: np.ndarray | None = None
         self._next_t = 0.0
+        self._failed = 0                      # failed reads in a row inside a file
         self._open_first()
 
     # -- opening -------------------------------------------------------------------------------
@@ -243,6 +244,7 @@ class OpenCVSource(SourceBase):
             img = self._grab()
             frame = None if img is None else self._emit(img, **self._meta())
             if frame is not None:
+                self.dropped, self._failed = self.dropped + self._failed, 0  # undecodable frames skipped
                 return frame
             bad += 1
             if not self._after_failure(bad, got_image=img is not None):
@@ -278,6 +280,12 @@ class OpenCVSource(SourceBase):
                                         self.backoff_max_s, self.reconnect_timeout_s)
         if got_image:
             return bad <= self.max_bad_frames  # a decoded but unusable frame (counted): skip it
+        with self._lock:
+            pos = int(self._cap.get(cv2.CAP_PROP_POS_FRAMES)) if self._cap is not None else 0
+        if not (self.frame_count and pos >= self.frame_count) and bad <= self.max_bad_frames:
+            self._failed += 1  # a frame that did not decode, or the end: the next reads tell
+            return True
+        self._failed = 0
         if self.loop and self.frames > 0:  # end of the file (or of its readable part): rewind
             with self._lock:
                 return bool(self._cap is not None and self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0))

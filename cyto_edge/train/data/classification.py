@@ -90,10 +90,11 @@ def _cells(folder: Path, label: int, warnings: list[str]) -> list[ClassItem]:
             sizes[m["img"]] = image_size(img, str(dat))
         w, h = sizes[m["img"]]
         poly = read_polygon(dat)  # (N, 2) x, y px
-        col = BoxCollector(w, h, warnings)
-        col.add((*poly.min(0), *poly.max(0)), label, f"{dat}: polygon")
-        if col.boxes:
-            items.append(ClassItem(file=img, label=label, box=col.arrays()[0][0], cell_id=f"{m['img']}_{m['cell']}"))
+        col = BoxCollector(w, h, warnings, where=lambda _, dat=dat: f"{dat}: polygon")
+        col.add((*poly.min(0), *poly.max(0)), label, 0)
+        boxes, _ = col.arrays()  # (0 or 1, 4) xyxy px: a degenerate outline is skipped with a warning
+        if len(boxes):
+            items.append(ClassItem(file=img, label=label, box=boxes[0], cell_id=f"{m['img']}_{m['cell']}"))
     return items
 
 

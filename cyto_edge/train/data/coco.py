@@ -11,8 +11,10 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
+
 from cyto_edge.errors import BadInput
-from cyto_edge.train.data.common import BoxCollector, check_unique_ids
+from cyto_edge.train.data.common import DEGENERATE_PX, OUT_TOLERANCE_PX, BoxCollector, check_unique_ids
 from cyto_edge.train.data.imageinfo import image_size, resolve
 from cyto_edge.train.data.labels import IGNORED, LabelMap
 from cyto_edge.train.data.types import DetectionDataset, ImageRecord
@@ -40,6 +42,10 @@ def _list(d: dict, key: str, path: Path, required: bool = True) -> list:
     return v
 
 
+def _is_id(v) -> bool:
+    return isinstance(v, (int, str)) and not isinstance(v, bool)
+
+
 def _image_id(v, where: str):
     if isinstance(v, bool) or not isinstance(v, (int, str)) or (isinstance(v, str) and not v.strip()):
         raise BadInput(f"{where}: must be an integer or a non-empty string, got {v!r}")
@@ -53,6 +59,8 @@ def _categories(cats: list, path: Path, lm: LabelMap) -> dict:
         where = f"{path}: categories[{i}]"
         if not isinstance(c, dict) or "id" not in c or "name" not in c:
             raise BadInput(f"{where}: each category needs 'id' and 'name'")
+        if not _is_id(c["id"]):
+            raise BadInput(f"{where}.id: must be an integer or a string, got {c['id']!r}")
         if c["id"] in out:
             raise BadInput(f"{where}.id: duplicate category id {c['id']!r}")
         idx = lm.index(c["name"])
@@ -128,27 +136,77 @@ def read_coco(path: Path, images_dir: Path | None, lm: LabelMap) -> DetectionDat
     return ds
 
 
+def _ann_where(path: Path, image_id):
+    return lambda i: f"{path}: annotations[{i}].bbox (image {image_id!r})"
+
+
+def _fast_annotations(anns: list, path: Path, records: list[ImageRecord], cats: dict, warnings: list) -> bool:
+    """The common case in numpy: every annotation well-formed, on a boxed image, of a known class, no
+    crowd boxes, every box inside its image. Returns False (nothing changed) when anything is unusual;
+    `_read_annotations` then finds and names the problem."""
+    if not anns:
+        return True
+    try:
+        if not all(type(a) is dict and not a.get("iscrowd") for a in anns):
+            return False
+        by_id = {(type(r.image_id), r.image_id): k for k, r in enumerate(records)}
+        img = np.array([by_id[(type(a["image_id"]), a["image_id"])] for a in anns], np.int64)  # (N,)
+        cls = np.array([cats[a["category_id"]] for a in anns], np.int64)
+        ids = [a["id"] for a in anns]
+        b = np.array([a["bbox"] for a in anns], np.float64).reshape(len(anns), 4)  # (N, 4) xywh px
+    except (KeyError, TypeError, ValueError):
+        return False
+    if (cls == IGNORED).any() or len(set(ids)) != len(ids) or not all(_is_id(i) for i in ids):
+        return False
+    if not all(records[k].boxed for k in set(img.tolist())):
+        return False
+    wh = np.array([(r.width, r.height) for r in records], np.float64).reshape(-1, 2)[img]  # (N, 2) px
+    b[:, 2:] += b[:, :2]  # xyxy
+    t = OUT_TOLERANCE_PX
+    if (~np.isfinite(b).all(1) | (b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1]) | (b[:, :2] < -t).any(1)
+            | (b[:, 2:] > wh + t).any(1)).any():
+        return False
+    b[:, :2] = b[:, :2].clip(0, None)
+    b[:, 2:] = np.minimum(b[:, 2:], wh)
+    side = b[:, 2:] - b[:, :2]
+    degenerate = (side <= DEGENERATE_PX).any(1)
+    for i in np.flatnonzero(degenerate):
+        warnings.append(f"{path}: annotations[{i}].bbox (image {records[img[i]].image_id!r}): degenerate box "
+                        f"{side[i, 0]:.1f}x{side[i, 1]:.1f} px skipped")
+    keep = np.flatnonzero(~degenerate)
+    order = keep[np.argsort(img[keep], kind="stable")]
+    bounds = np.searchsorted(img[order], np.arange(len(records) + 1))
+    for k, r in enumerate(records):
+        sel = order[bounds[k]:bounds[k + 1]]
+        if len(sel):
+            r.boxes, r.labels = b[sel].astype(np.float32), cls[sel]
+    return True
+
+
 def _read_annotations(anns: list, path: Path, records: list[ImageRecord], cats: dict, warnings: list) -> None:
-    by_id = {(type(r.image_id).__name__, r.image_id): k for k, r in enumerate(records)}
+    if _fast_annotations(anns, path, records, cats, warnings):
+        return
+    by_id = {(type(r.image_id), r.image_id): k for k, r in enumerate(records)}
     collectors: dict[int, BoxCollector] = {}
     ann_ids: set = set()
     weak_with_boxes: set[int] = set()
     for i, a in enumerate(anns):
-        where = f"{path}: annotations[{i}]"
+        where = lambda: f"{path}: annotations[{i}]"  # noqa: E731 - built only for a message
         if not isinstance(a, dict):
-            raise BadInput(f"{where}: must be an object with image_id, category_id and bbox")
-        if "id" in a:
-            aid = _image_id(a["id"], f"{where}.id")
-            if (type(aid).__name__, aid) in ann_ids:
-                raise BadInput(f"{where}.id: duplicate annotation id {aid!r}; annotation ids must be unique")
-            ann_ids.add((type(aid).__name__, aid))
-        iid = a.get("image_id")
-        k = by_id.get((type(iid).__name__, iid))
+            raise BadInput(f"{where()}: must be an object with image_id, category_id and bbox")
+        aid, iid, cid = a.get("id"), a.get("image_id"), a.get("category_id")
+        if aid is not None:
+            if not _is_id(aid):
+                _image_id(aid, f"{where()}.id")  # raises
+            if (type(aid), aid) in ann_ids:
+                raise BadInput(f"{where()}.id: duplicate annotation id {aid!r}; annotation ids must be unique")
+            ann_ids.add((type(aid), aid))
+        k = by_id.get((type(iid), iid)) if _is_id(iid) else None
         if k is None:
-            raise BadInput(f"{where}.image_id: no image with id {iid!r}")
-        if a.get("category_id") not in cats:
-            raise BadInput(f"{where}.category_id: no category with id {a.get('category_id')!r}")
-        cls = cats[a["category_id"]]
+            raise BadInput(f"{where()}.image_id: no image with id {iid!r}")
+        cls = cats.get(cid) if _is_id(cid) else None
+        if cls is None:
+            raise BadInput(f"{where()}.category_id: no category with id {a.get('category_id')!r}")
         rec = records[k]
         if cls == IGNORED:
             continue
@@ -156,17 +214,16 @@ def _read_annotations(anns: list, path: Path, records: list[ImageRecord], cats: 
             weak_with_boxes.add(k)
             continue
         if a.get("iscrowd", 0):
-            warnings.append(f"{where}: iscrowd box skipped")
+            warnings.append(f"{where()}: iscrowd box skipped")
             continue
         bbox = a.get("bbox")
         if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-            raise BadInput(f"{where}.bbox: must be [x, y, width, height], got {bbox!r}")
-        try:
-            x, y, w, h = (float(v) for v in bbox)
-        except (TypeError, ValueError):
-            raise BadInput(f"{where}.bbox: must be 4 numbers, got {bbox!r}") from None
-        col = collectors.setdefault(k, BoxCollector(rec.width, rec.height, warnings))
-        col.add((x, y, x + w, y + h), cls, f"{where}.bbox (image {rec.image_id!r})")
+            raise BadInput(f"{where()}.bbox: must be [x, y, width, height], got {bbox!r}")
+        col = collectors.get(k)
+        if col is None:
+            col = collectors[k] = BoxCollector(rec.width, rec.height, warnings, xywh=True,
+                                               where=_ann_where(path, rec.image_id))
+        col.add(bbox, cls, i)
     for k, col in collectors.items():
         records[k].boxes, records[k].labels = col.arrays()
     for k in sorted(weak_with_boxes):

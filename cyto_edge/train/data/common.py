@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import csv
 import io
-import math
+import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -18,39 +19,66 @@ DEGENERATE_PX = 1.0
 
 
 class BoxCollector:
-    """Accumulates the boxes of one image, validating each: xyxy pixels, clipped to the image."""
+    """Accumulates the boxes of one image and validates them together (numpy, fast for big sets).
 
-    def __init__(self, width: int, height: int, warnings: list[str]):
+    `add(box, label, key)`: box is xyxy pixels (or COCO's xywh with `xywh=True`); `where(key)` names
+    the annotation in a message (only built when something is wrong). `arrays()` returns float32 (K, 4)
+    xyxy boxes clipped to the image and int64 (K,) labels, skipping boxes of 1 px or less with a warning.
+    """
+
+    def __init__(self, width: int, height: int, warnings: list[str], where: Callable = str, xywh: bool = False):
         self.w, self.h = width, height
         self.warnings = warnings
-        self.boxes: list[tuple[float, float, float, float]] = []
+        self.where, self.xywh = where, xywh
+        self.raw: list = []
         self.labels: list[int] = []
+        self.keys: list = []
 
-    def add(self, xyxy, label: int, where: str) -> None:
-        try:
-            x1, y1, x2, y2 = (float(v) for v in xyxy)
-        except (TypeError, ValueError):
-            raise BadInput(f"{where}: box must be 4 numbers, got {xyxy!r}") from None
-        if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
-            raise BadInput(f"{where}: box {[x1, y1, x2, y2]} has a non-finite coordinate")
-        if x2 < x1 or y2 < y1:
-            raise BadInput(f"{where}: box has negative size (x1={x1:g} y1={y1:g} x2={x2:g} y2={y2:g}); "
-                           "boxes are x1 <= x2, y1 <= y2")
-        t = OUT_TOLERANCE_PX
-        if x1 < -t or y1 < -t or x2 > self.w + t or y2 > self.h + t:
-            raise BadInput(f"{where}: box (x1={x1:g} y1={y1:g} x2={x2:g} y2={y2:g}) lies outside the image "
-                           f"({self.w}x{self.h}); fix the box or the image size")
-        x1, x2 = min(max(x1, 0.0), self.w), min(max(x2, 0.0), self.w)
-        y1, y2 = min(max(y1, 0.0), self.h), min(max(y2, 0.0), self.h)
-        if x2 - x1 <= DEGENERATE_PX or y2 - y1 <= DEGENERATE_PX:
-            self.warnings.append(f"{where}: degenerate box {x2 - x1:.1f}x{y2 - y1:.1f} px skipped")
-            return
-        self.boxes.append((x1, y1, x2, y2))
+    def add(self, box, label: int, key) -> None:
+        self.raw.append(box)
         self.labels.append(int(label))
+        self.keys.append(key)
+
+    def _numbers(self) -> np.ndarray:
+        try:
+            return np.asarray(self.raw, np.float64).reshape(-1, 4)
+        except (TypeError, ValueError):
+            for box, key in zip(self.raw, self.keys):
+                try:
+                    np.asarray(box, np.float64).reshape(4)
+                except (TypeError, ValueError):
+                    raise BadInput(f"{self.where(key)}: box must be 4 numbers, got {box!r}") from None
+            raise
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        boxes = np.asarray(self.boxes, np.float32).reshape(-1, 4)  # (K, 4) xyxy px
-        return boxes, np.asarray(self.labels, np.int64)
+        b = self._numbers()  # (K, 4) float64
+        if self.xywh:
+            b = np.concatenate([b[:, :2], b[:, :2] + b[:, 2:]], 1)
+        bad = ~np.isfinite(b).all(1)
+        neg = (b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1])
+        t = OUT_TOLERANCE_PX
+        out = (b[:, 0] < -t) | (b[:, 1] < -t) | (b[:, 2] > self.w + t) | (b[:, 3] > self.h + t)
+        for k in np.flatnonzero(bad | neg | out)[:1]:
+            self._fail(int(k), b[k], bool(bad[k]), bool(neg[k]))
+        b[:, 0::2] = b[:, 0::2].clip(0, self.w)
+        b[:, 1::2] = b[:, 1::2].clip(0, self.h)
+        wh = b[:, 2:] - b[:, :2]
+        degenerate = (wh <= DEGENERATE_PX).any(1)
+        for k in np.flatnonzero(degenerate):
+            self.warnings.append(f"{self.where(self.keys[k])}: degenerate box {wh[k, 0]:.1f}x{wh[k, 1]:.1f} px skipped")
+        keep = ~degenerate
+        return b[keep].astype(np.float32), np.asarray(self.labels, np.int64)[keep]
+
+    def _fail(self, k: int, box: np.ndarray, nonfinite: bool, negative: bool) -> None:
+        x1, y1, x2, y2 = (float(v) for v in box)
+        where = self.where(self.keys[k])
+        if nonfinite:
+            raise BadInput(f"{where}: box {self.raw[k]!r} has a non-finite or missing coordinate")
+        if negative:
+            raise BadInput(f"{where}: box has negative size (x1={x1:g} y1={y1:g} x2={x2:g} y2={y2:g}); "
+                           "boxes are x1 <= x2, y1 <= y2")
+        raise BadInput(f"{where}: box (x1={x1:g} y1={y1:g} x2={x2:g} y2={y2:g}) lies outside the image "
+                       f"({self.w}x{self.h}); fix the box or the image size")
 
 
 def check_unique_ids(records: list[ImageRecord], where: str, indexed: bool = False) -> None:
@@ -63,7 +91,7 @@ def check_unique_ids(records: list[ImageRecord], where: str, indexed: bool = Fal
             field = f"{where}[{i}].id" if indexed else where
             raise BadInput(f"{field}: duplicate image id {r.image_id!r}; image ids must be unique")
         seen[key] = r
-        f = str(Path(r.file).resolve())
+        f = os.path.normpath(os.path.abspath(r.file))
         if f in files:
             raise BadInput(f"{where}: image {r.file} is listed twice (ids {files[f].image_id!r} and "
                            f"{r.image_id!r}); list each image once")

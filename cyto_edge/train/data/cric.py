@@ -88,7 +88,7 @@ def read_cric(csv_path: Path, lm: LabelMap, side_px: float, warnings: list[str])
             w, h = image_size(file, f"{where}: {header[c_img]}")
             iid = f[c_id] if c_id is not None and f[c_id] else name
             iid = int(iid) if isinstance(iid, str) and iid.isdigit() else iid
-            images[name] = (ImageRecord(file=file, width=w, height=h, image_id=iid), BoxCollector(w, h, warnings), set())
+            images[name] = (ImageRecord(file=file, width=w, height=h, image_id=iid), BoxCollector(w, h, warnings, where=lambda ln: f"{csv_path}: line {ln}: nucleus"), set())
             order.append(name)
         rec, col, cells = images[name]
         if f[c_cell] in cells:
@@ -103,7 +103,7 @@ def read_cric(csv_path: Path, lm: LabelMap, side_px: float, warnings: list[str])
         if idx == IGNORED:
             continue
         box = (max(x - half, 0.0), max(y - half, 0.0), min(x + half, rec.width), min(y + half, rec.height))
-        col.add(box, idx, f"{where}: nucleus")
+        col.add(box, idx, line)
     out = []
     for name in order:
         rec, col, _ = images[name]

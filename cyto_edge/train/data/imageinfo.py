@@ -1,6 +1,7 @@
 """Image files: their size from the file header (no decoding), and where an annotation's name points."""
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
@@ -88,13 +89,10 @@ def image_size(path: Path, where: str) -> tuple[int, int]:
 def resolve(name: str, bases: list[Path], where: str) -> Path:
     """The image an annotation names: an absolute path, or `name` relative to the first base that has
     it (e.g. the split folder, then the annotation file's folder). Missing -> BadInput naming `where`."""
-    p = Path(str(name).replace("\\", "/"))
-    if p.is_absolute():
-        cands = [p]
-    else:
-        cands = [b / p for b in bases]
+    name = str(name).replace("\\", "/")
+    cands = [name] if os.path.isabs(name) else [os.path.join(b, name) for b in bases]
     for c in cands:
-        if c.is_file():
-            return c
-    tried = ", ".join(str(c.parent) for c in cands)
+        if os.path.isfile(c):
+            return Path(c)
+    tried = ", ".join(os.path.dirname(c) for c in cands)
     raise BadInput(f"{where}: image {name!r} not found (looked in {tried}); fix the file name or add the image")

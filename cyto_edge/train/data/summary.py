@@ -21,11 +21,13 @@ def _r(x: float) -> float:
     return round(float(x), 2)
 
 
-def _wh(ds: DetectionDataset, c: int | None = None) -> np.ndarray:
-    """(K, 2) widths and heights in px of all boxes (of class c)."""
-    parts = [im.boxes[:, 2:] - im.boxes[:, :2] if c is None else (im.boxes[im.labels == c, 2:] - im.boxes[im.labels == c, :2])
-             for im in ds.images]
-    return np.concatenate(parts, 0) if parts else np.zeros((0, 2), np.float32)
+def _flat(ds: DetectionDataset) -> tuple[np.ndarray, np.ndarray]:
+    """All boxes of the set at once: (K, 2) widths and heights in px, (K,) labels."""
+    if not ds.images:
+        return np.zeros((0, 2), np.float32), np.zeros(0, np.int64)
+    boxes = np.concatenate([im.boxes.reshape(-1, 4) for im in ds.images], 0)
+    labels = np.concatenate([im.labels.reshape(-1) for im in ds.images], 0)
+    return boxes[:, 2:] - boxes[:, :2], labels
 
 
 def _sides(wh: np.ndarray, um: float | None) -> dict:
@@ -40,14 +42,18 @@ def _sides(wh: np.ndarray, um: float | None) -> dict:
 
 
 def _class_rows(ds: DetectionDataset) -> list[dict]:
+    wh, labels = _flat(ds)
+    boxed_holders = np.zeros(ds.num_classes, np.int64)  # boxed images holding each class
+    weak_holders = np.zeros(ds.num_classes, np.int64)
+    for im in ds.images:
+        present = list(im.classes_present)
+        np.add.at(boxed_holders if im.boxed else weak_holders, present, 1)
     rows = []
-    boxed = [im for im in ds.images if im.boxed]
     for c, name in enumerate(ds.classes):
         row = {"name": name, "category": ds.taxonomy.category(name) if ds.taxonomy else "",
-               "boxes": int(sum(int((im.labels == c).sum()) for im in boxed)),
-               "boxed_images": sum(1 for im in boxed if c in im.classes_present),
-               "weak_images": sum(1 for im in ds.images if not im.boxed and c in im.classes_present)}
-        row.update(_sides(_wh(ds, c), ds.um_per_px))
+               "boxes": int((labels == c).sum()), "boxed_images": int(boxed_holders[c]),
+               "weak_images": int(weak_holders[c])}
+        row.update(_sides(wh[labels == c], ds.um_per_px))
         rows.append(row)
     return rows
 
@@ -65,7 +71,7 @@ def check_summary(ds: DetectionDataset, fmt: str) -> dict:
     return {"format": fmt, "root": str(ds.root), "split": ds.name, "images": len(ds),
             "boxed_images": len(ds) - weak, "weak_images": weak, "boxes": int(ds.class_counts().sum()),
             "um_per_px": ds.um_per_px, "classes": _class_rows(ds), "image_sizes": _image_sizes(ds),
-            "box_sizes": _sides(_wh(ds), ds.um_per_px), "warnings": len(ds.warnings),
+            "box_sizes": _sides(_flat(ds)[0], ds.um_per_px), "warnings": len(ds.warnings),
             "warning_examples": ds.warnings[:5], "fingerprint": ds.fingerprint()}
 
 
@@ -81,16 +87,17 @@ def _objects_per_image(ds: DetectionDataset) -> dict:
 
 
 def _percentiles(ds: DetectionDataset) -> list[dict]:
+    wh, labels = _flat(ds)
     rows = []
     for c, name in enumerate(ds.classes):
-        wh = _wh(ds, c)
-        if len(wh) == 0:
+        sel = wh[labels == c]
+        if len(sel) == 0:
             continue
-        side = np.sqrt(wh[:, 0] * wh[:, 1])
-        row = {"name": name, "boxes": int(len(side))}
-        row.update({f"p{q}_px": _r(v) for q, v in zip(PERCENTILES, np.percentile(side, PERCENTILES))})
+        pct = np.percentile(np.sqrt(sel[:, 0] * sel[:, 1]), PERCENTILES)
+        row = {"name": name, "boxes": int(len(sel))}
+        row.update({f"p{q}_px": _r(v) for q, v in zip(PERCENTILES, pct)})
         if ds.um_per_px:
-            row.update({f"p{q}_um": _r(v * ds.um_per_px) for q, v in zip(PERCENTILES, np.percentile(side, PERCENTILES))})
+            row.update({f"p{q}_um": _r(v * ds.um_per_px) for q, v in zip(PERCENTILES, pct)})
         rows.append(row)
     return rows
 

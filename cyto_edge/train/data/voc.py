@@ -66,7 +66,7 @@ def read_voc_file(xml: Path, image_dirs: list[Path], lm: LabelMap, warnings: lis
         raise BadInput(f"{xml}: not a VOC annotation (root element <{root.tag}>, expected <annotation>)")
     file = _image_file(root, xml, image_dirs)
     w, h = _size(root, xml, file)
-    col = BoxCollector(w, h, warnings)
+    col = BoxCollector(w, h, warnings, where=lambda i: f"{xml}: object[{i}].bndbox")
     for i, obj in enumerate(root.findall("object")):
         where = f"{xml}: object[{i}]"
         name = (obj.findtext("name") or "").strip()
@@ -79,7 +79,7 @@ def read_voc_file(xml: Path, image_dirs: list[Path], lm: LabelMap, warnings: lis
         if bb is None:
             raise BadInput(f"{where}.bndbox: missing")
         b = [_number(bb, t, f"{where}.bndbox") for t in ("xmin", "ymin", "xmax", "ymax")]
-        col.add((b[0] - 1, b[1] - 1, b[2], b[3]), idx, f"{where}.bndbox")
+        col.add((b[0] - 1, b[1] - 1, b[2], b[3]), idx, i)
     boxes, labels = col.arrays()
     return ImageRecord(file=file, width=w, height=h, image_id=xml.stem, boxes=boxes, labels=labels)
 

@@ -130,3 +130,17 @@ def test_other_json_names_find_the_split_folder(coco_root):
     assert available_splits(coco_root) == ["train", "test"]  # the named splits only
     ds = load_detection(coco_root, "train.clean")
     assert len(ds) == 14 and ds.images[0].file.parent.name == "train"
+
+
+def test_fast_and_checked_annotation_paths_agree(coco_root, monkeypatch):
+    """Big sets take a numpy path; anything unusual takes the per-annotation path. Same result."""
+    from cyto_edge.train.data import coco
+
+    fast = load_detection(coco_root, "train")
+    monkeypatch.setattr(coco, "_fast_annotations", lambda *a: False)
+    slow = load_detection(coco_root, "train")
+    assert fast.fingerprint() == slow.fingerprint()
+    assert sorted(fast.warnings) == sorted(slow.warnings)
+    for a, b in zip(fast.images, slow.images):
+        np.testing.assert_array_equal(a.boxes, b.boxes)
+        np.testing.assert_array_equal(a.labels, b.labels)

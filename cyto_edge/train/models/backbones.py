@@ -17,15 +17,36 @@ from torchvision.ops.misc import Conv2dNormActivation
 
 
 class VGGExtractor(nn.Module):
-    """SSD300 / SSD512 VGG16 extractor of the SSD paper (torchvision): 6 levels at 300, 7 at 512."""
+    """SSD300 / SSD512 VGG16 extractor of the SSD paper (torchvision): 6 levels at 300, 7 at 512.
 
-    def __init__(self, highres: bool):
+    At inputs too small for the last unpadded extra layers (tests run every model at 128 px) the levels
+    that cannot be computed are dropped; the count is fixed at construction, so export traces stay static.
+    """
+
+    def __init__(self, highres: bool, input_size: int = 300):
         super().__init__()
         self.body = _vgg_extractor(vgg16(weights=None), highres, trainable_layers=5)
-        self.out_channels = [512, 1024, 512, 256, 256, 256] + ([256] if highres else [])
+        channels = [512, 1024, 512, 256, 256, 256] + ([256] if highres else [])
+        self.num_extra = len(self.body.extra)
+        with torch.no_grad():
+            x = self.body.features(torch.zeros(1, 3, input_size, input_size))
+            for i, block in enumerate(self.body.extra):
+                try:
+                    x = block(x)
+                except RuntimeError:
+                    self.num_extra = i
+                    break
+        self.body.extra = nn.ModuleList(list(self.body.extra)[: self.num_extra])
+        self.out_channels = channels[: 1 + self.num_extra]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.body(x).values())
+        b = self.body
+        x = b.features(x)
+        out = [b.scale_weight.view(1, -1, 1, 1) * torch.nn.functional.normalize(x)]
+        for block in b.extra:
+            x = block(x)
+            out.append(x)
+        return out
 
 
 class MobileNetV3Extractor(nn.Module):

@@ -145,14 +145,14 @@ def ssd320_resnet34(*, num_classes: int, input_size: int = 320, num_levels: int 
 def ssd300_vgg16(*, num_classes: int, input_size: int = 300, s_min: float = 0.2, s_max: float = 0.9,
                  **kw) -> SSDDetector:
     spec = ModelSpec("ssd300_vgg16", num_classes, input_size, dict(s_min=s_min, s_max=s_max, **kw))
-    return SSDDetector(spec, bb.VGGExtractor(highres=False), "ssd", s_min, s_max, **kw)
+    return SSDDetector(spec, bb.VGGExtractor(highres=False, input_size=input_size), "ssd", s_min, s_max, **kw)
 
 
 @_register("ssd512_vgg16")
 def ssd512_vgg16(*, num_classes: int, input_size: int = 512, s_min: float = 0.2, s_max: float = 0.9,
                  **kw) -> SSDDetector:
     spec = ModelSpec("ssd512_vgg16", num_classes, input_size, dict(s_min=s_min, s_max=s_max, **kw))
-    return SSDDetector(spec, bb.VGGExtractor(highres=True), "ssd", s_min, s_max, **kw)
+    return SSDDetector(spec, bb.VGGExtractor(highres=True, input_size=input_size), "ssd", s_min, s_max, **kw)
 
 
 def create_model(name: str, *, num_classes: int, input_size: int | None = None, **kw) -> SSDDetector:

@@ -13,12 +13,13 @@ import difflib
 import re
 import string
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union
 from urllib.parse import urlencode
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cyto_edge.errors import BadInput, format_validation_error
+from cyto_edge.errors import BadInput
+from cyto_edge.runtime.profile_errors import one_line_error
 from cyto_edge.runtime.taxonomy import BETHESDA_ORDER
 
 
@@ -112,24 +113,37 @@ class _Engine(_M):
     threads: int | None = Field(None, gt=0)            # None: the backend's default
 
 
+def _device(pattern: str, choices: str):
+    """A validator for `device`: the regex, or a message listing the valid spellings."""
+    def check(cls, v: str) -> str:
+        if not re.fullmatch(pattern, v):
+            raise ValueError(f"{v!r} is not a device of this backend; use {choices}")
+        return v
+    return field_validator("device")(classmethod(check))
+
+
 class OnnxRuntimeEngine(_Engine):
     backend: Literal["onnxruntime"]
-    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?|tensorrt(:\d+)?)$")
+    device: str = "cpu"
+    _dev = _device(r"cpu|cuda(:\d+)?|tensorrt(:\d+)?", "cpu, cuda, cuda:N or tensorrt (execution providers)")
 
 
 class OpenVINOEngine(_Engine):
     backend: Literal["openvino"]
-    device: str = Field("CPU", pattern=r"^(CPU|GPU(\.\d+)?|NPU|AUTO(:[A-Z0-9.,]+)?)$")
+    device: str = "CPU"
+    _dev = _device(r"CPU|GPU(\.\d+)?|NPU|AUTO(:[A-Z0-9.,]+)?", "CPU, GPU, GPU.N, NPU or AUTO")
 
 
 class TensorRTEngine(_Engine):
     backend: Literal["tensorrt"]
     precision: Literal["fp32", "fp16", "int8"] = "fp16"
-    device: str = Field("cuda:0", pattern=r"^cuda:\d+$")
+    device: str = "cuda:0"
     dla_core: int | None = Field(None, ge=0)           # Orin: run on a DLA core instead of the GPU
+    _dev = _device(r"cuda:\d+", "cuda:N")
 
 
 Engine = Annotated[Union[OnnxRuntimeEngine, OpenVINOEngine, TensorRTEngine], Field(discriminator="backend")]
+TAGS = {"camera": "kind", "engine": "backend"}   # discriminated sections and their tag field
 
 
 # -- pipeline, grading, storage, server ---------------------------------------------------------------
@@ -209,7 +223,14 @@ class ServerSettings(_M):
     bind: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
     token_file: Path | None = None                     # a file holding the API token (mode 600)
-    token_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")  # or an environment variable
+    token_env: str | None = None                       # or an environment variable holding it
+
+    @field_validator("token_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
+            raise ValueError(f"{v!r} is not an environment variable name")
+        return v
 
     @model_validator(mode="before")
     @classmethod
@@ -259,7 +280,7 @@ def load_profile(path: str | Path) -> DeviceProfile:
     try:
         prof = DeviceProfile.model_validate(data)
     except ValidationError as e:
-        raise BadInput(profile_error(e, str(p))) from None
+        raise BadInput(one_line_error(e, str(p), DeviceProfile, TAGS)) from None
     return resolve_paths(prof, p.resolve().parent)
 
 
@@ -281,83 +302,6 @@ def resolve_paths(prof: DeviceProfile, base: Path) -> DeviceProfile:
 
 def _is_file_uri(uri: str) -> bool:
     return uri.startswith("file://") or "://" not in uri and not uri.isdigit()
-
-
-# -- errors ---------------------------------------------------------------------------------------------
-TAGS = {"camera": "kind", "engine": "backend"}
-
-
-class _Errors:
-    """A ValidationError with discriminator tags removed from the paths and friendlier messages."""
-
-    def __init__(self, errs: list[dict]):
-        self._errs = errs
-
-    def errors(self) -> list[dict]:
-        return self._errs
-
-
-def profile_error(err: ValidationError, source: str) -> str:
-    out = []
-    for e in err.errors():
-        loc, typ = list(e.get("loc", ())), e.get("type", "")
-        msg = e.get("msg", "invalid")
-        fields = _fields_at(loc[:-1]) if typ == "extra_forbidden" else None
-        clean = [x for i, x in enumerate(loc) if not (i > 0 and loc[i - 1] in TAGS and i == 1)]
-        if typ == "extra_forbidden":
-            near = difflib.get_close_matches(str(loc[-1]), sorted(fields or ()), n=1)
-            msg = "unknown field" + (f"; did you mean {near[0]!r}?" if near else "")
-        elif typ in ("union_tag_invalid", "union_tag_not_found") and clean and clean[0] in TAGS:
-            key = TAGS[clean[0]]
-            tags = e.get("ctx", {}).get("expected_tags", "")
-            got = e.get("ctx", {}).get("tag")
-            msg = (f"{got!r} is not one of {tags}" if got is not None else f"required, one of {tags}")
-            clean = [clean[0], key]
-        elif typ == "missing":
-            msg = "required"
-        out.append({**e, "loc": tuple(clean), "msg": msg})
-    return format_validation_error(_Errors(out), source)
-
-
-def _fields_at(loc: list) -> set[str]:
-    """Field names of the model at `loc` (tags of discriminated unions included in the path)."""
-    model: Any = DeviceProfile
-    for part in loc:
-        if not (isinstance(model, type) and issubclass(model, BaseModel)):
-            return set()
-        if part in model.model_fields:
-            model = _model_of(model.model_fields[part].annotation)
-        else:  # a tag: pick the union member whose literal matches
-            members = [m for m in _members(model) if _tag_value(m) == part]
-            model = members[0] if members else None
-    if isinstance(model, type) and issubclass(model, BaseModel):
-        return set(model.model_fields)
-    return set(_union_fields(model))
-
-
-def _model_of(ann: Any) -> Any:
-    if get_origin(ann) is Annotated:
-        ann = get_args(ann)[0]
-    args = [a for a in get_args(ann) if a is not type(None)]
-    if get_origin(ann) is Union and len(args) == 1:
-        return args[0]
-    return ann
-
-
-def _members(ann: Any) -> list:
-    return [a for a in get_args(_model_of(ann)) if isinstance(a, type) and issubclass(a, BaseModel)]
-
-
-def _union_fields(ann: Any) -> set[str]:
-    return set().union(*[set(m.model_fields) for m in _members(ann)]) if _members(ann) else set()
-
-
-def _tag_value(model: type[BaseModel]) -> str | None:
-    for key in TAGS.values():
-        f = model.model_fields.get(key)
-        if f is not None:
-            return get_args(f.annotation)[0]
-    return None
 
 
 # -- the camera as a source -------------------------------------------------------------------------------
@@ -386,7 +330,8 @@ def source_options(profile: DeviceProfile) -> dict:
     cam = profile.camera
     ex, wb = cam.exposure, cam.white_balance
     if isinstance(cam, OpenCVCamera):
-        return {"timeout_s": cam.timeout_s, "fourcc": cam.fourcc, "lock_exposure": ex.lock, "exposure": ex.value,
+        return {"width": cam.width, "height": cam.height, "fps": cam.fps if cam.index is None else None,
+                "timeout_s": cam.timeout_s, "fourcc": cam.fourcc, "lock_exposure": ex.lock, "exposure": ex.value,
                 "lock_white_balance": wb.lock, "wb_temperature": wb.temperature_k}
     if isinstance(cam, GStreamerCamera):
         return {"timeout_s": cam.timeout_s}
@@ -421,3 +366,27 @@ def summary(profile: DeviceProfile) -> dict:
             "engine": f"{eng.backend} {eng.precision} on {eng.device}" + (f", {eng.threads} threads" if eng.threads else ""),
             "bundle": str(profile.bundle), "storage": str(profile.storage.root),
             "server": f"{profile.server.bind}:{profile.server.port}"}
+
+
+def check_against_bundle(profile: DeviceProfile, manifest, source: str = "profile") -> list[str]:
+    """Raise BadInput when the grading overrides name a class the bundle lacks; return warnings (scale
+    mismatch beyond 10%, no model file for the chosen precision)."""
+    classes = list(manifest.classes)
+    for c in profile.grading.class_thresholds:
+        if c not in classes:
+            near = difflib.get_close_matches(c, classes, n=1)
+            raise BadInput(f"{source}: grading.class_thresholds: class {c!r} is not in the bundle"
+                           + (f"; did you mean {near[0]!r}?" if near else f" (its classes: {', '.join(classes)})"))
+    warnings = []
+    cats = set(manifest.bethesda.values())
+    for cat in profile.grading.category_min_count:
+        if cat not in cats:
+            warnings.append(f"grading.category_min_count: no class of the bundle maps to {cat}")
+    ratio = profile.camera.um_per_px / manifest.um_per_px
+    if abs(ratio - 1.0) > 0.10:
+        warnings.append(f"camera.um_per_px {profile.camera.um_per_px:g} vs the model's {manifest.um_per_px:g}: "
+                        f"frames are rescaled by {ratio:.3g}")
+    prec = {"int8": ("int8-qdq", "int8"), "fp16": ("fp16", "fp32"), "fp32": ("fp32",)}[profile.engine.precision]
+    if not any(f.precision in prec for f in manifest.files if f.role == "detector"):
+        warnings.append(f"engine.precision {profile.engine.precision}: the bundle has no detector file for it")
+    return warnings

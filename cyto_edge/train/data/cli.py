@@ -44,24 +44,22 @@ def run_check(path: Path, split, mapping, point_box, um_per_px, as_json: bool) -
     from cyto_edge.train.data import check, load, render, summary
 
     fmt = load.detect_format(path)
-    con = None if as_json else render.console()
     if fmt in ("sipakmed", "folders"):
         cds = load.load_classification(path, mapping)
         check.verify_items(cds, progress=not as_json)
         sets = [summary.classification_summary(cds, fmt)]
-        if con:
-            render.print_classification(con, sets[0])
     else:
-        sets = []
+        sets = []  # every split is checked before anything is printed: a failure is one line
         for s in _splits(path, split):
             ds = load.load_detection(path, s, **_load_kwargs(mapping, point_box, um_per_px))
             check.verify_images(ds, progress=not as_json)
             sets.append(summary.check_summary(ds, fmt))
-            if con:
-                render.print_check(con, sets[-1])
     if as_json:
         print_json({"path": str(path), "format": fmt, "ok": True, "sets": sets})
     else:
+        con = render.console()
+        for s in sets:
+            (render.print_classification if fmt in ("sipakmed", "folders") else render.print_check)(con, s)
         con.print(f"[green]OK[/green]: {len(sets)} set(s) checked, every image decoded", highlight=False)
 
 

@@ -67,8 +67,10 @@ def _read_mapping_file(p: Path) -> dict:
 
         return yaml.safe_load(text)
     except Exception as e:  # noqa: BLE001 - any parse error becomes one line
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise BadInput(f"{p}: malformed class-mapping file ({first})") from None
+        mark = getattr(e, "problem_mark", None)  # yaml's position
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        first = getattr(e, "problem", None) or (str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise BadInput(f"{p}: malformed class-mapping file{where} ({first})") from None
 
 
 def load_label_map(mapping=None, *, default_ignore=()) -> LabelMap:

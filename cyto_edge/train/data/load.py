@@ -12,6 +12,7 @@ Loading reads annotation files and image headers only; `check.verify_images` dec
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from cyto_edge.errors import BadInput
@@ -129,9 +130,12 @@ def _add_weak(ds: DetectionDataset, csv: Path | None, bases: list[Path], lm) -> 
         return
     from cyto_edge.train.data.weak import read_labels_csv
 
-    known = {Path(im.file).resolve(): im for im in ds.images}
+    def key(f) -> str:
+        return os.path.normpath(os.path.abspath(f))
+
+    known = {key(im.file): im for im in ds.images}
     for rec in read_labels_csv(csv, bases, lm):
-        old = known.get(Path(rec.file).resolve())
+        old = known.get(key(rec.file))
         if old is None:
             ds.images.append(rec)
         elif old.boxed:

@@ -139,3 +139,14 @@ def test_check_subprocess_no_traceback(coco_root):
                        timeout=120)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr  # decoders' own chatter hidden
     assert "train_003.png: file: cannot be decoded" in r.stderr
+
+
+def test_broken_test_split_prints_no_table(coco_root, run_cli, tmp_path):
+    (coco_root / "test" / "test_001.png").unlink()
+    code, out, err = run_cli("data", "check", coco_root)
+    assert code == 2 and out == "" and "test.json: images[1].file_name" in err
+    bad_map = tmp_path / "map.yaml"
+    bad_map.write_text("classes:\n  koilocyte: LSIL\n bad: [\n")
+    code, out, err = run_cli("data", "check", coco_root, "--mapping", bad_map)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "map.yaml: malformed class-mapping file at line 3" in err

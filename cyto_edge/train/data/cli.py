@@ -96,7 +96,7 @@ def run_split(path: Path, split, val_fraction, seed, mapping, point_box, um_per_
         return
     con = render.console()
     rows = [[k, c["images"], c["boxed_images"], c["weak_images"], c["boxes"]] for k, c in res["counts"].items()]
-    con.print(render._table(f"validation split of {path} (seed {seed}, val fraction {val_fraction:g})",
+    con.print(render.table(f"validation split of {path} (seed {seed}, val fraction {val_fraction:g})",
                             ["split", "images", "boxed", "weak", "boxes"], rows))
     for k, f in res["files"].items():
         con.print(f"wrote {f}", markup=False, highlight=False)

@@ -124,8 +124,9 @@ def _names(ds: DetectionDataset, classes) -> str:
 
 
 def _add_weak(ds: DetectionDataset, csv: Path | None, bases: list[Path], lm) -> None:
-    """Add the weak images of a labels CSV. An image the annotations already hold as weak must carry
-    the same labels (synth writes both); one they hold with boxes keeps its boxes (with a warning)."""
+    """Add the weak images of a labels CSV (ids: their file names, or the next integers after the
+    annotations' integer ids). An image the annotations already hold as weak must carry the same
+    labels (synth writes both); one they hold with boxes keeps its boxes (with a warning)."""
     if csv is None or not csv.is_file():
         return
     from cyto_edge.train.data.weak import read_labels_csv
@@ -134,9 +135,14 @@ def _add_weak(ds: DetectionDataset, csv: Path | None, bases: list[Path], lm) -> 
         return os.path.normpath(os.path.abspath(f))
 
     known = {key(im.file): im for im in ds.images}
+    # ids stay of one type (pycocotools sorts them): after integer ids, CSV images are numbered on
+    int_ids = bool(ds.images) and all(isinstance(im.image_id, int) for im in ds.images)
+    next_id = max((im.image_id for im in ds.images), default=0) + 1 if int_ids else None
     for rec in read_labels_csv(csv, bases, lm):
         old = known.get(key(rec.file))
         if old is None:
+            if next_id is not None:
+                rec.image_id, next_id = next_id, next_id + 1
             ds.images.append(rec)
         elif old.boxed:
             ds.warnings.append(f"{csv}: {rec.image_id}: image-level labels ignored, the image has boxes")

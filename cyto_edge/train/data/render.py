@@ -37,7 +37,7 @@ class _Titled:
         yield self.table
 
 
-def _table(title: str, columns: list[str], rows: list[list]) -> _Titled:
+def table(title: str, columns: list[str], rows: list[list]) -> _Titled:
     t = Table()
     for i, c in enumerate(columns):
         t.add_column(c, justify="left" if i == 0 else "right")
@@ -62,12 +62,12 @@ def print_check(con: Console, s: dict) -> None:
             for r in s["classes"]]
     total = s["box_sizes"]
     rows.append(["all", "", s["boxes"], s["boxed_images"], s["weak_images"]] + [total.get(k) for k, _ in sizes])
-    con.print(_table("per class (side = √(w·h); short/long = min/max of w, h)", cols, rows))
+    con.print(table("per class (side = √(w·h); short/long = min/max of w, h)", cols, rows))
     im = s["image_sizes"]
     srows = [[f"{d['width']}x{d['height']}", d["images"]] for d in im["distinct"][:10]]
     if len(im["distinct"]) > 10:
         srows.append([f"… {len(im['distinct']) - 10} more sizes", ""])
-    con.print(_table(f"image sizes (width {im['min_width']}-{im['max_width']}, height "
+    con.print(table(f"image sizes (width {im['min_width']}-{im['max_width']}, height "
                      f"{im['min_height']}-{im['max_height']})", ["width x height", "images"], srows))
     print_warnings(con, s)
 
@@ -83,7 +83,7 @@ def print_classification(con: Console, s: dict) -> None:
     con.print(f"{s['root']} ({s['format']}): {s['cells']} cells in {s['files']} files", markup=False, highlight=False)
     sizes = _size_columns(False)
     rows = [[r["name"], r["category"], r["cells"], r["with_box"]] + [r.get(k) for k, _ in sizes] for r in s["classes"]]
-    con.print(_table("per class", ["class", "Bethesda", "cells", "with box"] + [h for _, h in sizes], rows))
+    con.print(table("per class", ["class", "Bethesda", "cells", "with box"] + [h for _, h in sizes], rows))
     print_warnings(con, s)
 
 
@@ -92,18 +92,18 @@ def print_stats(con: Console, s: dict) -> None:
     opi = s["objects_per_image"]
     if opi.get("boxed_images"):
         hist = opi["histogram"]
-        con.print(_table(f"objects per boxed image (mean {opi['mean']:g}, median {opi['median']:g}, max {opi['max']})",
+        con.print(table(f"objects per boxed image (mean {opi['mean']:g}, median {opi['median']:g}, max {opi['max']})",
                          ["objects"] + list(hist), [["images"] + list(hist.values())]))
     con.print(f"weak images: {s['weak_images']} ({s['weak_negative_images']} with no class); "
               f"boxed images: {s['boxed_images']}")
     rows = s["box_side_percentiles"]
     if rows:
         keys = [k for k in rows[0] if k.startswith("p")]
-        con.print(_table("box side √(w·h) percentiles per class", ["class", "boxes"] + keys,
+        con.print(table("box side √(w·h) percentiles per class", ["class", "boxes"] + keys,
                          [[r["name"], r["boxes"]] + [r[k] for k in keys] for r in rows]))
     truth = s["truth"]
     for key, val in truth.items():
         if key == "images_with_truth" or not isinstance(val, dict):
             continue
-        con.print(_table(f"truth.{key} ({truth['images_with_truth']} images with truth)",
+        con.print(table(f"truth.{key} ({truth['images_with_truth']} images with truth)",
                          [key, "value"], [[k, v] for k, v in val.items()]))

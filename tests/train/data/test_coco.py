@@ -42,8 +42,9 @@ def test_extensions_truth_scale_and_weak(coco_root):
     assert not weak.boxed and len(weak.boxes) == 0
     assert {ds.classes[c] for c in weak.classes_present} == {"lsil", "trichomonas"}
     assert recs[1021].classes_present == frozenset() and not recs[1021].boxed
-    # train_labels.csv: ';' and '|' separated names, aliases, ids are the file names
-    a, b = recs["csvweak_a.png"], recs["csvweak_b.jpg"]
+    # train_labels.csv: ';' and '|' separated names, aliases; integer ids after the json's (1021)
+    a, b = recs[1022], recs[1023]
+    assert (a.file.name, b.file.name) == ("csvweak_a.png", "csvweak_b.jpg")
     assert {ds.classes[c] for c in a.classes_present} == {"hsil", "ascus"}
     assert {ds.classes[c] for c in b.classes_present} == {"trichomonas", "lsil"}
     assert (a.width, a.height, b.width, b.height) == (150, 100, 130, 90)  # read from the file headers

@@ -81,6 +81,18 @@ def test_split_command_writes_coco_files_pycocotools_loads(coco_root, run_cli):
         coco = COCO(str(coco_root / name))
         assert len(coco.getImgIds()) == {"train.split.json": 12, "val.split.json": 4}[name]
         assert [c["name"] for c in coco.loadCats(coco.getCatIds())][:3] == ["ascus", "asch", "lsil"]
+    # COCOeval on val: its own boxes as detections score AP 1 (ids of one type, boxes in xywh)
+    import contextlib
+    import io
+
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(coco_root / "val.split.json"))
+        dets = gt.loadRes([{**a, "score": 1.0} for a in gt.dataset["annotations"]])
+        ev = COCOeval(gt, dets, "bbox")
+        ev.evaluate(), ev.accumulate(), ev.summarize()
+    assert ev.stats[1] == pytest.approx(1.0)  # AP@0.5
     # same seed, same files
     before = (coco_root / "val.split.json").read_text()
     assert run_cli("data", "split", coco_root, "--val-fraction", "0.25", "--seed", "0")[0] == 0

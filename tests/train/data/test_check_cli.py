@@ -92,6 +92,12 @@ BROKEN = {
                        ["train.json", "malformed JSON at line 2 column"]),
     "malformed csv": (lambda r: (r / "train_labels.csv").write_text("file,labels\na.png,lsil,extra\n"),
                       ["train_labels.csv", "line 2", "malformed CSV"]),
+    "non-numeric bbox": (lambda r: _edit(r, lambda d: d["annotations"][4].update(bbox=["a", 1, 2, 3])),
+                         ["train.json", "annotations[4].bbox", "4 numbers"]),
+    "null bbox value": (lambda r: _edit(r, lambda d: d["annotations"][4].update(bbox=[None, 1, 2, 3])),
+                        ["train.json", "annotations[4].bbox", "non-finite or missing"]),
+    "bad width": (lambda r: _edit(r, lambda d: d["images"][2].update(width="wide")),
+                  ["train.json", "images[2].width", "positive integer"]),
     "bad um_per_px": (lambda r: _edit(r, lambda d: d["info"].update(um_per_px=-1)),
                       ["train.json", "info.um_per_px"]),
 }

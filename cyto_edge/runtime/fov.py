@@ -11,9 +11,10 @@ Motion is the translation between consecutive frames by phase correlation (cv2.p
 grey copies, in frame pixels per frame; when the correlation peak is too weak to trust (a jump larger
 than the window, a featureless field), a mean grey difference decides. A stop emits at most one event,
 and a new event needs motion first. While still, the tracker waits for focus to peak (no improvement of
-the stop's best focus for `settle_frames` frames), then emits the current frame if it is within
-`focus_relative` of the stop's best, else the best frame itself; after `max_wait_frames` it takes the
-best frame of the stop. A frame is never emitted when empty, below `focus_floor`, or below
+the stop's best focus for `settle_frames` frames) at a level within `focus_relative` of the recent
+fields' best (tissue-normalised, so sparse and dense fields compare), then emits the current frame if it
+is within `focus_relative` of the stop's best, else the best frame itself; after `max_wait_frames` it
+takes the best frame of the stop. A frame is never emitted when empty, below `focus_floor`, or below
 `focus_min_recent` x the recent best (tissue-normalised) focus: a blurred field is skipped, not graded.
 """
 from __future__ import annotations
@@ -35,12 +36,13 @@ class FovConfig:
     focus_floor: float = 0.0           # never emit below this variance of the Laplacian
     focus_min_recent: float = 0.35     # never emit below this x the recent best focus_norm (blurred)
     settle_frames: int = 3             # frames without a better focus: focus has peaked
-    max_wait_frames: int = 45          # still frames after which the stop's best frame is taken
+    max_wait_frames: int = 24          # still frames after which the stop's best frame is taken
     empty_threshold: float = 0.02      # tissue fraction below which a field is empty
     new_field_fraction: float = 0.25   # drift during a stop beyond this x the frame side: a new field
     recent_frames: int = 300           # window of the recent-best focus
-    min_response: float = 0.1          # phase-correlation peak below which the shift is not trusted
-    diff_threshold: float = 10.0       # mean |grey difference| (0-255) meaning motion when untrusted
+    min_response: float = 0.3          # phase-correlation peak below which the shift is not trusted
+    diff_threshold: float = 2.0        # mean |grey difference| (0-255, global change removed) meaning
+                                       # motion when the shift is not trusted (noise alone is ~0.5-1)
     improve_eps: float = 0.01          # a focus better by this fraction counts as an improvement
     quality: QualityConfig = field(default_factory=QualityConfig)
 
@@ -95,18 +97,21 @@ class FovTracker:
 
     # -- motion ----------------------------------------------------------------------------------
     def _motion(self, a: Analysis) -> tuple[np.ndarray, float, bool]:
-        """(shift in frame px (dx, dy), phase-correlation response, moving?) against the previous frame."""
+        """(shift in frame px (dx, dy), phase-correlation response, moving?) against the previous frame.
+        The shift is zero when the correlation peak is too weak to trust."""
         cur = a.small_gray.astype(np.float32)
         prev, self._prev = self._prev, cur
         if prev is None or prev.shape != cur.shape:
             return np.zeros(2), 1.0, False
         if self._window is None or self._window.shape != cur.shape:
             self._window = cv2.createHanningWindow((cur.shape[1], cur.shape[0]), cv2.CV_32F)
-        (dx, dy), resp = cv2.phaseCorrelate(prev, cur, self._window)
+        d = cur - prev
+        diff = float(np.mean(np.abs(d - d.mean())))  # a lamp flicker changes the mean, not the field
+        # phaseCorrelate may apply the window in place (OpenCV 5): give it `prev` (done with) and a copy
+        (dx, dy), resp = cv2.phaseCorrelate(prev, cur.copy(), self._window)
         shift = np.array([dx, dy]) / a.scale
         if resp < self.cfg.min_response:  # peak not trustworthy: fall back to the grey difference
-            diff = float(np.mean(np.abs(cur - prev)))
-            return shift, float(resp), diff > self.cfg.diff_threshold
+            return np.zeros(2), float(resp), diff > self.cfg.diff_threshold
         return shift, float(resp), float(np.hypot(*shift)) > self.cfg.still_threshold_px
 
     # -- the state machine ---------------------------------------------------------------------
@@ -167,6 +172,8 @@ class FovTracker:
                 self._done = True
                 self.skipped_blurred += 1
             return None  # blurred: the operator may still be focusing
+        if not timeout and self.history.relative(cand.quality.focus_norm) < cfg.focus_relative:
+            return None  # a pause in focusing, less sharp than recent fields: give it until max_wait
         return self._event(cand_frame, cand, "timeout" if timeout else "peak")
 
     def _emit_best(self, reason: str) -> FovEvent | None:

@@ -80,7 +80,7 @@ def test_each_non_empty_pause_is_captured_once_and_sharp(slide):
             ("pause", 20, DIP), ("move", 85, (10, 0)),            # pause 3 at x=500: focus dips
             ("pause", 15, 0.0), ("move", 55, (10, 0)),            # pause 4 at x=1350: empty background
             ("pause", len(RISING), RISING), ("move", 15, (10, 0)),  # pause 5 at x=1900: leaves while focusing
-            ("pause", 15, 0.0)]                                   # pause 6 at x=2050
+            ("pause", 30, 0.0)]                                   # pause 6 at x=2050: sparse, waits
     tr, events = run(plan, slide)
     pauses = [e.frame.meta["pause"] for e in events]
     assert pauses == [1, 2, 3, 5, 6], [(e.frame.meta, e.reason) for e in events]
@@ -143,3 +143,23 @@ def test_profile_pipeline_section_configures_the_tracker():
     cfg = PipelineSettings(still_frames=5, focus_relative=0.7, empty_threshold=0.05).fov_config()
     assert (cfg.still_frames, cfg.focus_relative, cfg.empty_threshold) == (5, 0.7, 0.05)
     assert cfg.quality.empty_threshold == 0.05
+
+
+def test_synthetic_stage_every_non_empty_stop_once():
+    """synth:// knows its stop schedule: no duplicate and no missed field; nothing moving, empty or blurred."""
+    pytest.importorskip("cyto_edge.runtime.sources.synthetic")
+    from cyto_edge.runtime.sources import open_source
+
+    uri = "synth://?seed=0&realtime=0&width=640&height=480&stops=10&slide_width=2048&slide_height=1536"
+    with open_source(uri) as src:
+        tr = FovTracker()
+        events = [e for e in (tr.update(f) for f in iter(src.read, None)) if e is not None]
+        schedule = src.schedule
+    non_empty = {s["id"] for s in schedule if not s["empty"]}
+    assert 0 < len(non_empty) < len(schedule)                       # the run crosses empty stops too
+    stops = [e.frame.meta["stop_id"] for e in events]
+    assert None not in stops                                        # never a frame taken while moving
+    assert len(stops) == len(set(stops))                            # zero duplicates
+    assert set(stops) == non_empty                                  # zero missed, zero empty
+    assert all(e.frame.meta["sharp"] and not e.frame.meta["empty"] for e in events)
+    assert tr.captured == len(non_empty) and tr.skipped_blurred == 0

@@ -40,7 +40,8 @@ class GraderSettings:
     window_um: float = 64.0           # nuclei: window side in µm
     context: float = 0.25             # gt: margin around each box
     um_per_px: float | None = None    # None: the dataset's (synth records it)
-    grades: list[str] | None = None   # keep only FOVs of these grades
+    grades: list[str] | None = None   # keep only FOVs of these grades (after `merge`)
+    merge: dict[str, str] = field(default_factory=dict)   # grade -> grade it counts as, e.g. ASC-US -> LSIL
     width: int = 16                   # backbone width (small ResNet)
     hidden: int = 64
     vit_dim: int = 64
@@ -81,6 +82,18 @@ class FovSet:
 
 
 # ---------------------------------------------------------------------------------------- labels
+
+def parse_merge(text: str | None) -> dict[str, str]:
+    """'ASC-US=LSIL,ASC-H=HSIL' -> {"ASC-US": "LSIL", "ASC-H": "HSIL"}."""
+    out = {}
+    for part in (text or "").split(","):
+        if part.strip():
+            a, sep, b = part.partition("=")
+            if not sep:
+                raise BadInput(f"--merge: {part.strip()!r} must look like ASC-US=LSIL")
+            out[parse_grade(a, "--merge")] = parse_grade(b, "--merge")
+    return out
+
 
 def parse_grade(text: str, where: str) -> str:
     """'nilm' / 'ASC_US' / 'ascus' / 'HSIL' -> a Bethesda category, else BadInput."""
@@ -143,6 +156,7 @@ def build_fovset(ds, grades: list[str | None], s: GraderSettings, progress: bool
         raise BadInput(f"--cells must be nuclei or gt, got {s.cells!r}")
     if s.cells == "nuclei" and not um:
         raise BadInput(f"{ds.root}: the images' scale is unknown; give --um-per-px (µm per pixel)")
+    grades = [s.merge.get(g, g) if g else g for g in grades]
     keep = [i for i, g in enumerate(grades) if g is not None and (not s.grades or g in s.grades)]
     warnings = [f"{len(grades) - len(keep)} images without a usable grade were skipped"] if len(keep) < len(grades) else []
     if not keep:
@@ -168,7 +182,7 @@ def build_fovset(ds, grades: list[str | None], s: GraderSettings, progress: bool
             tick()
     cells = {"source": s.cells, "max_cells": s.max_cells, "row_px": ROW_PX, "rank": "nuclear_area"
              if s.cells == "nuclei" else "given", "window_um": s.window_um if s.cells == "nuclei" else None,
-             "um_per_px": um}
+             "um_per_px": um, "merge": dict(s.merge)}
     return FovSet(crops, np.asarray([classes.index(grades[i]) for i in keep], np.int64), classes,
                   [str(ds.images[i].file) for i in keep], cells, spec, warnings)
 

@@ -188,3 +188,20 @@ def test_command_refuses_bad_usage_in_one_line(tmp_path, capsys):
     data = _write_folders(tmp_path / "crops", n=9)
     assert main(["train-classifier", "--data", str(data), "--folds", "5"]) == 2
     assert "fewer than --folds 5" in capsys.readouterr().err
+
+
+def test_command_refuses_classes_that_are_not_the_bundles(tmp_path, capsys):
+    from cyto_edge.runtime.bundle import InputSpec, Manifest, OutputSpec, file_entry, write_manifest
+
+    bundle = tmp_path / "det.cytobundle"
+    bundle.mkdir()
+    np.save(bundle / "priors.npy", np.zeros((4, 4), np.float32))
+    write_manifest(bundle, Manifest(classes=["lsil", "hsil"], bethesda={"lsil": "LSIL", "hsil": "HSIL"},
+                                    um_per_px=1.0, input=InputSpec(size=(64, 64)), output=OutputSpec(num_priors=4),
+                                    files=[file_entry(bundle, "priors.npy", "priors", role="priors")]))
+    data = _write_folders(tmp_path / "crops", n=9)                       # classes small, medium, large
+    rc = main(["train-classifier", "--data", str(data), "--bundle", str(bundle), "--out", str(tmp_path / "o")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "are not classes of the bundle (lsil, hsil)" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

@@ -228,3 +228,15 @@ def test_command_refuses_missing_labels(tmp_path, capsys):
     (data / "grades.csv").write_text("file,grade\nother.png,NILM\n")
     assert main(["train-grader", "--data", str(data), "--labels", str(data / "grades.csv")]) == 2
     assert "no FOV labels" in capsys.readouterr().err
+
+
+def test_merge_maps_grades_before_training(tmp_path):
+    from cyto_edge.train.grade_train import build_fovset, fov_grades, parse_merge
+    from cyto_edge.train.data.load import load_detection
+
+    assert parse_merge("ASC-US=LSIL, scc=hsil") == {"ASC-US": "LSIL", "SCC": "HSIL"}
+    with pytest.raises(BadInput, match="must look like ASC-US=LSIL"):
+        parse_merge("ASC-US")
+    ds = load_detection(_coco(tmp_path / "coco"), "train")
+    fs = build_fovset(ds, fov_grades(ds), GraderSettings(cells="gt", crop=16, merge={"HSIL": "LSIL"}), progress=False)
+    assert fs.classes == ["NILM", "LSIL"] and fs.cells["merge"] == {"HSIL": "LSIL"}

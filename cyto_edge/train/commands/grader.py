@@ -21,6 +21,7 @@ Examples:
 
   cyto-edge train-grader --data data/synth --test-split test --out runs/grader
   cyto-edge train-grader --data fovs/ --labels grades.csv --um-per-px 0.5 --grades NILM,LSIL,HSIL
+  cyto-edge train-grader --data data/synth --merge ASC-US=LSIL,ASC-H=HSIL,AGC=HSIL,SCC=HSIL   (3 grades)
   cyto-edge train-grader --data data/synth --backbone runs/classifier/classifier.pt --freeze-backbone
 
 Writes OUT/grader.pt (weights, grades, preprocessing, how cells are chosen), metrics.json (accuracy,
@@ -42,6 +43,7 @@ def register(app: typer.Typer) -> None:
         window_um: float = typer.Option(64.0, "--window-um", help="Window around a nucleus (µm)."),
         um_per_px: Optional[float] = typer.Option(None, "--um-per-px", help="Image scale when the set does not record it."),
         grades: Optional[str] = typer.Option(None, "--grades", help="Keep only FOVs of these grades, e.g. NILM,LSIL,HSIL."),
+        merge: Optional[str] = typer.Option(None, "--merge", help="Count grades as others, e.g. ASC-US=LSIL,SCC=HSIL."),
         width: int = typer.Option(16, "--width", help="CNN base width."),
         hidden: int = typer.Option(64, "--hidden", help="LSTM units per direction."),
         vit_dim: int = typer.Option(64, "--vit-dim", help="Transformer width D."),
@@ -60,7 +62,7 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     ):
         from cyto_edge.errors import BadInput
-        from cyto_edge.train.grade_train import GraderSettings, parse_grade
+        from cyto_edge.train.grade_train import GraderSettings, parse_grade, parse_merge
 
         if min(max_cells, crop, epochs, batch, width, hidden, vit_dim, vit_layers) < 1 or window_um <= 0:
             raise BadInput("--max-cells, --crop, --epochs, --batch and the model sizes must be >= 1, --window-um > 0")
@@ -72,7 +74,7 @@ def register(app: typer.Typer) -> None:
             raise BadInput("--freeze-backbone needs --backbone CKPT")
         keep = [parse_grade(g, "--grades") for g in grades.split(",")] if grades else None
         s = GraderSettings(cells=cells, max_cells=max_cells, crop=crop, window_um=window_um, um_per_px=um_per_px,
-                           grades=keep, width=width, hidden=hidden, vit_dim=vit_dim, vit_layers=vit_layers,
+                           grades=keep, merge=parse_merge(merge), width=width, hidden=hidden, vit_dim=vit_dim, vit_layers=vit_layers,
                            local=local, lam=lam, epochs=epochs, batch=batch, lr=lr, val_fraction=val_fraction,
                            seed=seed, threads=threads, backbone_ckpt=str(backbone) if backbone else None,
                            freeze_backbone=freeze_backbone)

@@ -85,6 +85,7 @@ class FovTracker:
         self.last: FovStatus | None = None
         self._prev: np.ndarray | None = None   # previous small grey frame, float32
         self._window: np.ndarray | None = None
+        self._shape: tuple[int, int] | None = None
         self._reset_stop()
 
     def _reset_stop(self) -> None:
@@ -117,7 +118,13 @@ class FovTracker:
     # -- the state machine ---------------------------------------------------------------------
     def update(self, frame: Frame) -> FovEvent | None:
         a = analyze(frame.image, self.cfg.quality)
+        shape = frame.image.shape[:2]
+        resized = self._shape is not None and shape != self._shape  # the camera changed its frame size
+        self._shape = shape
+        if resized:
+            self._prev = None  # frames of two sizes are not compared: a new field
         shift, resp, moving = self._motion(a)
+        moving = moving or resized
         self.history.add(a.quality.focus_norm)
         if not moving and self.state != "moving":
             self._drift += shift

@@ -163,3 +163,13 @@ def test_synthetic_stage_every_non_empty_stop_once():
     assert set(stops) == non_empty                                  # zero missed, zero empty
     assert all(e.frame.meta["sharp"] and not e.frame.meta["empty"] for e in events)
     assert tr.captured == len(non_empty) and tr.skipped_blurred == 0
+
+
+def test_a_change_of_frame_size_starts_a_new_field(slide):
+    tr = FovTracker()
+    events = [tr.update(f) for f in frames(slide, [("pause", 12, 0.0)])]
+    assert sum(e is not None for e in events) == 1
+    bigger = Frame(np.ascontiguousarray(slide[100:580, 10:650]), 99, 0.0, {})   # (480, 640, 3), same scale
+    assert tr.update(bigger) is None and tr.state == "moving"
+    later = [tr.update(Frame(bigger.image.copy(), 100 + k, 0.0, {})) for k in range(30)]
+    assert sum(e is not None for e in later) == 1

@@ -34,7 +34,9 @@ class FolderSource(SourceBase):
     """The images of a folder as a stream (a recorded slide, a test set)."""
 
     def __init__(self, uri: str, *, fps: float | None = None, loop: bool | None = None,
-                 recursive: bool | None = None, timeout_s: float | None = None):
+                 recursive: bool | None = None, timeout_s: float | None = None, reconnect: bool | None = None,
+                 backoff_s: float | None = None, backoff_max_s: float | None = None):
+        """timeout_s / reconnect / backoff_*: accepted like every source's, unused (files do not drop)."""
         super().__init__(uri)
         opts = uri_options(uri)
         self.fps = coerce("fps", opts.get("fps") if fps is None else fps, float) or None

@@ -40,8 +40,8 @@ class Picamera2Source(SourceBase):
                  fps: float | None = None, timeout_s: float = 5.0, still: bool | None = None,
                  lock_exposure: bool | None = None, exposure_us: int | None = None,
                  analogue_gain: float | None = None, lock_white_balance: bool | None = None, colour_gains: tuple[float, float] | None = None,
-                 settle_s: float = 1.0, backoff_s: float = 0.5, backoff_max_s: float = 10.0,
-                 reconnect_timeout_s: float | None = None):
+                 settle_s: float = 1.0, reconnect: bool = True, backoff_s: float = 0.5,
+                 backoff_max_s: float = 10.0, reconnect_timeout_s: float | None = None):
         super().__init__(uri)
         self._Picamera2 = _import_picamera2()
         opts = uri_options(uri)
@@ -59,6 +59,7 @@ class Picamera2Source(SourceBase):
         self.colour_gains = tuple(colour_gains) if colour_gains else None
         self.settle_s = float(settle_s)
         self.backoff = (backoff_s, backoff_max_s, reconnect_timeout_s)
+        self.reconnect_enabled = bool(reconnect)
         self.controls: dict = {}   # the controls set on the camera (the locked values)
         self._cam = None
         self._open()
@@ -116,7 +117,7 @@ class Picamera2Source(SourceBase):
                 (img,), md = self._cam.capture_arrays(["main"], wait=self.timeout_s)  # (H, W, 3) uint8 BGR
             except Exception as e:  # noqa: BLE001 - a timeout or a camera error: reconnect
                 self.last_error = f"{type(e).__name__}: {e}"
-                if not self._reconnect_loop(self.reconnect, *self.backoff):
+                if not self.reconnect_enabled or not self._reconnect_loop(self.reconnect, *self.backoff):
                     break
                 continue
             frame = self._emit(img, sensor_timestamp_ns=md.get("SensorTimestamp"),

@@ -254,3 +254,28 @@ def test_live_stream_that_disconnects_and_returns():
         src.close()
         cam.stop()
     assert src.state == "ended" and src.read() is None
+
+
+def test_reader_reports_a_stream_reconnecting_on_its_own():
+    from cyto_edge.runtime.sources.threaded import LatestFrameReader
+
+    cam = MJPEGServer().start()
+    src = open_source(f"http://127.0.0.1:{cam.port}/video.mjpg", timeout_s=3, backoff_s=0.1, backoff_max_s=0.3)
+    reader = LatestFrameReader(src)
+    try:
+        assert reader.read(timeout=3) is not None and reader.state == "live"
+        cam.stop()
+        t0 = time.monotonic()
+        while reader.state != "lost" and time.monotonic() - t0 < 3:
+            time.sleep(0.01)
+        assert reader.state == "lost"
+        cam.start()
+        t0 = time.monotonic()
+        while (reader.state != "live" or src.reconnects < 1) and time.monotonic() - t0 < 8:
+            reader.read(timeout=0.1)
+        assert reader.state == "live" and src.reconnects == 1
+        assert reader.read(timeout=3) is not None
+    finally:
+        reader.close()
+        cam.stop()
+    assert reader.state == "ended" and not reader._thread.is_alive()

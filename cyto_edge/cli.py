@@ -67,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     exits, aborts, usage_errors = _click_errors()
 
     try:
-        app(args=argv, standalone_mode=False, prog_name="cyto-edge")
-        return 0
+        rv = app(args=argv, standalone_mode=False, prog_name="cyto-edge")
+        # typer returns the code of an Exit (130 after Ctrl-C) instead of raising it in this mode
+        return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
     except CytoError as e:
         typer.secho(f"error: {e}", err=True, fg="red")
         return e.exit_code

@@ -210,7 +210,7 @@ class Trainer:
         if self.ema:
             self.ema.update(self.model)
         self.step += 1
-        return {k: float(v) for k, v in losses.items()}
+        return {k: float(v.detach()) for k, v in losses.items()}
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> dict:
@@ -253,6 +253,7 @@ class Trainer:
                         if self.step % spe == 0 or self.step >= total:
                             break
                     self._end_epoch(epoch, sums, spe - offset, progress)
+            sync = self._ranks_in_sync()
         except KeyboardInterrupt:
             if self.main:
                 path = self.save("last.pt")
@@ -265,10 +266,22 @@ class Trainer:
             if self.world > 1 and dist.is_initialized():
                 dist.destroy_process_group()
         result = {"out_dir": str(self.out), "best": str(self.out / "best.pt"), "last": str(self.out / "last.pt"),
-                  "best_map50": self.best, "steps": self.step, "minutes": round((time.time() - t0) / 60, 2)}
+                  "best_map50": self.best, "steps": self.step, "minutes": round((time.time() - t0) / 60, 2),
+                  "world_size": self.world, "ranks_in_sync": sync}
         if self.main:
             (self.out / "result.json").write_text(__import__("json").dumps(result, indent=2))
         return result
+
+    def _ranks_in_sync(self) -> bool:
+        """DDP sanity check: every rank ends with the same weights (a checksum gathered from all ranks)."""
+        if self.world == 1:
+            return True
+        with torch.no_grad():
+            s = torch.stack([p.detach().double().sum() for p in self.model.parameters()]).sum().reshape(1)
+            s = s.to(self.device) if self.device.type == "cuda" else s.cpu()
+        gathered = [torch.zeros_like(s) for _ in range(self.world)]
+        dist.all_gather(gathered, s)
+        return bool(all(torch.allclose(g, gathered[0], rtol=1e-9, atol=1e-9) for g in gathered))
 
     def _end_epoch(self, epoch: int, sums: dict, n: int, progress) -> None:
         cfg = self.cfg

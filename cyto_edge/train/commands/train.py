@@ -52,7 +52,11 @@ def register(app: typer.Typer) -> None:
         cfg = load_config(config, overrides)
         from cyto_edge.train.loop import Trainer
 
+        import os
+
         result = Trainer(cfg, resume=resume).run()
+        if os.environ.get("RANK", "0") != "0":
+            return
         if json_out:
             print_json(result)
         else:

@@ -28,12 +28,13 @@ import numpy as np
 
 from cyto_edge.errors import BadInput
 from cyto_edge.runtime.sources import Frame
+from cyto_edge.runtime.sources.base import SourceBase
 from cyto_edge.synth.slide import SlideParams, cached_slide_dir, load_slide, make_schedule, view_truth
 
 SHARP_SIGMA_PX = 0.5
 FOCUS_LEVELS = (0.0, 0.5, 1.0, 1.6, 2.3, 3.1)     # defocus sigmas (px) rendered per stop
 SHUTTER = 0.5                                     # exposure as a fraction of the frame period
-GENERIC = {"timeout_s", "reconnect", "backoff_s"}  # options every source may receive; not used here
+GENERIC = {"timeout_s", "reconnect", "backoff_s", "backoff_max_s", "reconnect_timeout_s"}  # common; unused here
 OPTIONS = {  # name: (type, default, check, what the check says)
     "seed": (int, 0, lambda v: v >= 0, ">= 0"), "fps": (float, 30.0, lambda v: 0 < v <= 1000, "in (0, 1000]"),
     "width": (int, 1280, lambda v: 64 <= v <= 8192, "in [64, 8192]"),
@@ -77,9 +78,11 @@ class _State:
     visit: int
 
 
-class SyntheticStageSource:
+class SyntheticStageSource(SourceBase):
+    live = False  # a recording-like source: None means the schedule has ended
+
     def __init__(self, uri: str = "synth://", **options):
-        self.uri = uri
+        super().__init__(uri)
         o = parse_options(uri, options)
         self.fps, self.w, self.h = o["fps"], o["width"], o["height"]
         self.realtime, self.loop, self.noise = bool(o["realtime"]), bool(o["loop"]), o["noise"]
@@ -105,7 +108,8 @@ class SyntheticStageSource:
         self._noise_bank = _noise_bank(self._rng, self.h, self.w, self.noise)
         self._levels: dict[int, np.ndarray] = {}
         self._level_key: tuple | None = None
-        self._next, self._t0, self._closed, self._last_off = 0, None, False, None
+        self._next, self._t0, self._last_off = 0, None, None
+        self.skipped = 0  # frames a late reader missed in realtime mode (gaps in Frame.index)
 
     # -- timeline ------------------------------------------------------------------------------------
     @property
@@ -113,7 +117,7 @@ class SyntheticStageSource:
         """Virtual length of one pass over the schedule (s)."""
         return len(self.schedule) * self.dwell_s + (len(self.schedule) - 1) * self.move_s
 
-    def state(self, t: float) -> _State | None:
+    def stage(self, t: float) -> _State | None:
         """Where the stage is at virtual time t (s); None after the end (without loop)."""
         n, d, m = len(self.schedule), self.dwell_s, self.move_s
         period = n * (d + m) if self.loop else self.duration_s
@@ -143,7 +147,7 @@ class SyntheticStageSource:
 
     # -- frames --------------------------------------------------------------------------------------
     def read(self) -> Frame | None:
-        if self._closed:
+        if self._closing.is_set():
             return None
         i = self._next
         if self.realtime:
@@ -154,10 +158,13 @@ class SyntheticStageSource:
             if now < due:
                 time.sleep(due - now)
             else:
-                i = max(i, int((now - self._t0) * self.fps))  # a camera does not wait for a late reader
+                late = int((now - self._t0) * self.fps)  # a camera does not wait for a late reader
+                self.skipped += max(0, late - i)
+                i = max(i, late)
         t = i / self.fps
-        st = self.state(t)
+        st = self.stage(t)
         if st is None:
+            self.state = "ended"
             return None
         sigma = self.focus_sigma(st)
         img = self._render(st, sigma)
@@ -167,6 +174,8 @@ class SyntheticStageSource:
         meta = {"stage_x": x, "stage_y": y, "moving": st.stop is None, "stop_id": st.stop,
                 "sharp": st.stop is not None and sigma < SHARP_SIGMA_PX, "empty": bool(empty), "t": t,
                 "focus_sigma_px": round(sigma, 3), "visit": st.visit}
+        self.frames += 1
+        self.state = "live"
         return Frame(img, i, time.monotonic(), meta)
 
     def _render(self, st: _State, sigma: float) -> np.ndarray:
@@ -207,15 +216,12 @@ class SyntheticStageSource:
         return cv2.subtract(out, neg[oy:oy + self.h, ox:ox + self.w])
 
     # -- lifecycle -----------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        return {**super().stats(), "skipped": self.skipped, "stops": len(self.schedule)}
+
     def close(self) -> None:
-        self._closed = True
+        super().close()
         self._levels = {}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def _vignette(h: int, w: int) -> np.ndarray:

@@ -25,6 +25,7 @@ before the optimiser, and print how many tensors matched.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,34 +186,42 @@ class PretrainConfig:
     time_budget_s: float | None = None
 
 
+def _lr(peak: float, done: float) -> float:
+    """Linear warm-up over the first 5% of the run, then cosine decay to zero (`done` in [0, 1])."""
+    return peak * min(1.0, done / 0.05 + 1e-3) * 0.5 * (1 + math.cos(math.pi * done))
+
+
 def pretrain(files: list[Path], cfg: PretrainConfig, progress=None) -> tuple[JigsawNet, dict]:
-    """Train a JigsawNet over the frames; returns the net and its figures (loss, accuracy per epoch)."""
+    """Train a JigsawNet over the frames for `epochs`, or until `time_budget_s` is spent (whichever comes
+    first; the warm-up + cosine schedule follows whichever is further along)."""
     torch.manual_seed(cfg.seed)
     perms = hamming_permutations(cfg.num_perms, cfg.seed, cfg.criterion)
     net = JigsawNet(build_trunk(cfg.arch, **cfg.trunk_kwargs), cfg.num_perms)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     stream = PuzzleStream(files, perms, cfg.puzzle, cfg.per_image, cfg.seed)
-    total = max(1, cfg.epochs * len(files) * cfg.per_image // cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=total + cfg.epochs + 1, pct_start=0.1)
+    total = max(1, cfg.epochs * math.ceil(len(files) * cfg.per_image / cfg.batch_size))
     history, t0, step = [], time.monotonic(), 0
     for ep in range(cfg.epochs):
         net.train()
         loss_sum = correct = seen = 0
         for x, y in stream.epoch(cfg.batch_size):
+            done = max(step / total, (time.monotonic() - t0) / cfg.time_budget_s if cfg.time_budget_s else 0.0)
+            for g in opt.param_groups:
+                g["lr"] = _lr(cfg.lr, min(done, 1.0))
             logits = net(x)
             loss = nn.functional.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(net.parameters(), 10.0)
             opt.step()
-            if step < total + cfg.epochs:
-                sched.step()
             step += 1
             loss_sum += loss.item() * len(y)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
             if progress:
                 progress(ep, seen)
+            if cfg.time_budget_s and time.monotonic() - t0 > cfg.time_budget_s:
+                break
         if seen == 0:
             raise BadInput("no frame could be decoded; nothing to pretrain on")
         history.append({"epoch": ep + 1, "loss": round(loss_sum / seen, 4), "accuracy": round(correct / seen, 4)})

@@ -69,7 +69,7 @@ def register(app: typer.Typer) -> None:
         per_image: int = typer.Option(8, "--per-image", min=1, help="Puzzles cut from each frame per epoch."),
         batch_size: int = typer.Option(32, "--batch-size", min=1),
         lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW, one-cycle)."),
-        minutes: Optional[float] = typer.Option(None, "--minutes", help="Stop after the epoch that passes this budget."),
+        minutes: Optional[float] = typer.Option(None, "--minutes", help="Time budget: stop when it is spent (the schedule follows it)."),
         seed: int = typer.Option(0, "--seed"),
         threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),

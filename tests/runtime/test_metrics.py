@@ -210,3 +210,19 @@ def test_pr_plots_written(tmp_path):
         patch = img[max(y - 3, 0):y + 4, x:x + 6].reshape(-1, 3).astype(int)
         assert (np.abs(patch - np.array(PALETTE[i % len(PALETTE)])).sum(1) < 60).any()
     assert cv2.imread(str(paths[-1])).shape == cv2.imread(str(paths[0])).shape
+
+
+def test_dataset_records_and_per_class_threshold_list():
+    from pathlib import Path
+
+    from cyto_edge.train.data.types import ImageRecord
+
+    boxed = ImageRecord(Path("a.jpg"), 200, 100, 1, boxes=_boxes(2).astype(np.float32), labels=np.array([0, 1]))
+    weak = ImageRecord(Path("b.jpg"), 200, 100, 2, boxed=False, image_labels=frozenset({0}))
+    preds = [Detections(_boxes(2).astype(np.float32), np.array([0.9, 0.4], np.float32), np.array([0, 1])),
+             Detections(_boxes(1).astype(np.float32), np.array([0.8], np.float32), np.array([0]))]
+    m = evaluate_detections([boxed, weak], preds, ["a", "b"], score_threshold=[0.5, 0.3])
+    assert m.n_images == 1 and m.n_weak_skipped == 1 and m.map50 == pytest.approx(1.0)
+    assert [c.recall for c in m.classes] == [1.0, 1.0]           # b's 0.4 passes its own 0.3 threshold
+    m = evaluate_detections([boxed, weak], preds, ["a", "b"], score_threshold=0.5)
+    assert m.by_name("b").recall == 0.0 and m.by_name("b").precision == 0.0

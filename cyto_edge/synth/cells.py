@@ -89,7 +89,7 @@ def nucleus(p: Patch, b: Brush, rx: float, ry: float, darkness: float, chromatin
 def squamous(b: Brush) -> Sprite:
     """Normal superficial (pyknotic nucleus) or intermediate (vesicular nucleus) cell, 35-60 µm."""
     rng = b.rng
-    rx = b.um(17.5, 30)
+    rx = b.um(18, 27)
     ry = rx * rng.uniform(0.68, 1.0)
     out = polygon(rng, rx, ry, rng.uniform(0, np.pi), int(rng.integers(5, 9)))
     p = Patch(*np.abs(out).max(0))

@@ -184,8 +184,12 @@ class Canvas:
         return boxes, labels
 
     def _draw_fitting(self, cls: str, max_px: float, tries: int = 12) -> Sprite | None:
-        for _ in range(tries):
-            s = DRAWERS[cls](self.brush)
+        """A sprite no longer than max_px. After half the tries the object is drawn physically smaller
+        (a shorter hypha, a smaller group): at high magnification the largest objects would not fit."""
+        b = self.brush
+        for t in range(tries):
+            shrink = 1.0 if t < tries // 2 else 0.85 ** (t - tries // 2 + 1)
+            s = DRAWERS[cls](b if shrink == 1.0 else Brush(b.rng, b.stain, b.tex, b.ppu * shrink))
             if s.size <= max_px:
                 return s
         return None

@@ -60,8 +60,9 @@ class SlideParams:
 
     @classmethod
     def from_options(cls, opts) -> "SlideParams":
-        return cls(seed=opts.seed, width=opts.slide_width, height=opts.slide_height, um_per_px=opts.um_per_px,
-                   stops=opts.stops, max_object_px=opts.max_object_px)
+        w, h = opts.slide_width, opts.slide_height
+        return cls(seed=opts.seed, width=w, height=h, um_per_px=opts.um_per_px, view_w=min(1280, w // 2),
+                   view_h=min(960, h // 2), stops=opts.stops, max_object_px=opts.max_object_px)
 
     def key(self) -> str:
         blob = json.dumps({"v": SLIDE_VERSION, **asdict(self)}, sort_keys=True)

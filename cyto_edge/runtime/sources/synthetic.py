@@ -47,8 +47,9 @@ OPTIONS = {  # name: (type, default, check, what the check says)
 }
 
 
-def parse_options(uri: str, options: dict) -> dict:
-    """URI query + keyword options (keywords win) -> typed, checked values."""
+def parse_options(uri: str, options: dict, defaults: dict | None = None) -> dict:
+    """URI query + keyword options (keywords win) -> typed, checked values; `defaults` replace the
+    built-in defaults (a written slide's camera)."""
     q = {k: v[-1] for k, v in parse_qs(urlparse(uri).query, keep_blank_values=True).items()}
     q.update({k: v for k, v in options.items() if k not in GENERIC and v is not None})
     unknown = sorted(set(q) - set(OPTIONS))
@@ -56,7 +57,7 @@ def parse_options(uri: str, options: dict) -> dict:
         raise BadInput(f"{uri}: unknown option {unknown[0]!r}; known: {', '.join(OPTIONS)}")
     out = {}
     for name, (typ, default, ok, what) in OPTIONS.items():
-        raw = q.get(name, default)
+        raw = q.get(name, (defaults or {}).get(name, default))
         try:
             val = typ(float(raw)) if typ is int else typ(raw)
         except (TypeError, ValueError):
@@ -84,12 +85,17 @@ class SyntheticStageSource(SourceBase):
     def __init__(self, uri: str = "synth://", **options):
         super().__init__(uri)
         o = parse_options(uri, options)
+        if o["path"]:  # a written slide: its schedule's camera is the default
+            self.slide = load_slide(o["path"])
+            cam = self.slide.schedule.get("camera", {})
+            o = parse_options(uri, options, {"width": cam.get("width"), "height": cam.get("height"),
+                                             "fps": cam.get("fps"), "dwell": cam.get("dwell_s"),
+                                             "move": cam.get("move_s"), "stops": len(self.slide.schedule["stops"]),
+                                             "seed": self.slide.params.seed})
         self.fps, self.w, self.h = o["fps"], o["width"], o["height"]
         self.realtime, self.loop, self.noise = bool(o["realtime"]), bool(o["loop"]), o["noise"]
         self.move_s, self.dwell_s = o["move"], o["dwell"]
-        if o["path"]:
-            self.slide = load_slide(o["path"])
-        else:
+        if not o["path"]:
             p = SlideParams(seed=o["seed"], width=o["slide_width"], height=o["slide_height"], view_w=self.w,
                             view_h=self.h, stops=o["stops"], dwell_s=self.dwell_s, move_s=self.move_s, fps=self.fps)
             self.slide = load_slide(cached_slide_dir(p))

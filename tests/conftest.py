@@ -89,3 +89,47 @@ def make_toy_coco(root: Path, n_train: int = 12, n_test: int = 3, size: int = 25
 @pytest.fixture
 def toy_coco(tmp_path) -> Path:
     return make_toy_coco(tmp_path / "toy")
+
+
+# ----------------------------------------------------------------------------- shared trained artefacts
+
+def make_synth(out: Path, images: int = 16, size: int = 512, seed: int = 3, **kw) -> Path:
+    from cyto_edge.synth.options import SynthOptions
+    from cyto_edge.synth.writer import generate
+
+    if not (out / "synth.json").exists():
+        generate(out, SynthOptions(images=images, size=size, seed=seed, slide=False, **kw))
+    return out
+
+
+@pytest.fixture(scope="session")
+def synth_small(cache_dir) -> Path:
+    """16 synthetic 512² fields (13 train / 3 test), clean labels."""
+    return make_synth(cache_dir / "synth_small")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(cache_dir, synth_small) -> Path:
+    """A `tiny` detector trained briefly on synth_small (shared by export and runtime tests)."""
+    out = cache_dir / "runs"
+    ck = out / "tiny_fixture" / "best.pt"
+    if not ck.exists():
+        from cyto_edge.train.config import load_config
+        from cyto_edge.train.loop import Trainer
+
+        cfg = load_config("tiny", [f"data.root={synth_small}", f"out_dir={out}", "name=tiny_fixture", "workers=0",
+                                   "tensorboard=false", "schedule.epochs=2", "schedule.steps_per_epoch=40",
+                                   "optim.batch_size=8", "data.val_fraction=0.2", "threads=2"])
+        Trainer(cfg).run()
+    return ck
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(cache_dir, tiny_checkpoint) -> Path:
+    """An fp32 bundle of tiny_checkpoint (no gate; tests of the gate live with export)."""
+    b = cache_dir / "tiny_fp32.cytobundle"
+    if not (b / "manifest.json").exists():
+        from cyto_edge.export.bundle_writer import export_fp32_bundle
+
+        export_fp32_bundle(tiny_checkpoint, b)
+    return b

@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import torch
 
+from cyto_edge.errors import BadInput
 from cyto_edge.runtime.decode import Detections, PostProcess
 from cyto_edge.runtime.metrics import DetectionMetrics, evaluate_detections
 from cyto_edge.runtime.tiling import detect_frame
@@ -28,7 +29,7 @@ def torch_infer(model: torch.nn.Module, device: torch.device):
 def read_rgb(path: Path) -> np.ndarray:
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
-        raise FileNotFoundError(f"{path}: cannot read image")
+        raise BadInput(f"{path}: cannot read image (missing or corrupt); run `cyto-edge data check` on the dataset")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 

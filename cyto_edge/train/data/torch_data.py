@@ -56,7 +56,9 @@ class ImageCache:
             return self._d[key]
         img = cv2.imread(path, cv2.IMREAD_COLOR)
         if img is None:
-            raise FileNotFoundError(f"{path}: cannot read image")
+            from cyto_edge.errors import BadInput
+
+            raise BadInput(f"{path}: cannot read image (missing or corrupt); run `cyto-edge data check`")
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
         if abs(factor - 1.0) > 1e-3:
             img = cv2.resize(img, None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)

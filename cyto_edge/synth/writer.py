@@ -119,6 +119,8 @@ def generate(out: Path, opts: SynthOptions, progress: Callable[[], None] | None 
     jobs, weak = plan_jobs(opts)
     for split in ("train", "test"):
         (out / split).mkdir(parents=True, exist_ok=True)
+        for stale in (out / split).glob("synth_*.jpg"):  # a previous set written here (--force)
+            stale.unlink()
     entries: dict[str, list[ImageEntry]] = {"train": [], "test": []}
     for job, (jpeg, entry) in zip(jobs, _render_all(jobs, opts.workers, progress)):
         (out / job.split / job.file_name).write_bytes(jpeg)

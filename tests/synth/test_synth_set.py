@@ -194,9 +194,12 @@ def test_refuses_non_empty_out_and_json_summary(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("x")
+    (out / "train").mkdir()
+    (out / "train" / "synth_999999.jpg").write_bytes(b"stale")
     assert main(["synth", str(out), "--images", "2", "--no-slide"]) == 2
     assert "not empty" in capsys.readouterr().err
     rc = main(["synth", str(out), "--images", "2", "--size", "256", "--no-slide", "--force", "--json"])
     summary = json.loads(capsys.readouterr().out)
     assert rc == 0 and summary["train"]["images"] + summary["test"]["images"] == 2
-    assert (out / "keep.txt").exists() and len(list((out / "train").glob("*.jpg"))) == summary["train"]["images"]
+    assert (out / "keep.txt").exists() and not (out / "train" / "synth_999999.jpg").exists()
+    assert len(list((out / "train").glob("*.jpg"))) == summary["train"]["images"]

@@ -205,11 +205,45 @@ def collate(fs: FovSet, idx, gen: torch.Generator | None = None):
 
 
 @torch.no_grad()
-def predict(model: FOVGrader, fs: FovSet, idx, batch: int = 8) -> np.ndarray:
+def cnn_features(model: FOVGrader, fs: FovSet) -> list:
+    """Per FOV (x (n, d_f), stage-4 maps (n, d_c, h, w)) from the CNN in eval mode: a frozen CNN's
+    outputs never change, so training caches them (no augmentation then)."""
+    was = model.encoder.training
+    model.encoder.eval()
+    out = [model.encoder(to_input(c)) if len(c) else None for c in fs.crops]
+    model.encoder.train(was)
+    return out
+
+
+def collate_features(feats: list, fs: FovSet, idx, d_f: int):
+    """Cached CNN outputs of FOVs idx -> (x (B, N, d_f), maps (n_real, d_c, h, w), mask (B, N)), labels (B,)."""
+    n = max([len(fs.crops[i]) for i in idx] + [0])
+    got = [feats[i] for i in idx if feats[i] is not None]
+    x = torch.zeros(len(idx), n, d_f)
+    mask = torch.zeros(len(idx), n, dtype=torch.bool)
+    for b, i in enumerate(idx):
+        if feats[i] is not None:
+            x[b, :len(feats[i][0])] = feats[i][0]
+            mask[b, :len(feats[i][0])] = True
+    maps = torch.cat([f[1] for f in got]) if got else torch.zeros(0)
+    return (x, maps, mask), torch.as_tensor(fs.labels[list(idx)])
+
+
+def _batch_out(model: FOVGrader, fs: FovSet, idx, feats, gen=None):
+    """Model outputs, mask and labels for FOVs idx (from cached features when given)."""
+    if feats is not None:
+        (x, maps, mask), y = collate_features(feats, fs, idx, model.encoder.d_f)
+        return model.forward_features(x, maps, mask), mask, y
+    cells, mask, y = collate(fs, idx, gen)
+    return model(cells, mask), mask, y
+
+
+@torch.no_grad()
+def predict(model: FOVGrader, fs: FovSet, idx, batch: int = 8, feats: list | None = None) -> np.ndarray:
     """(len(idx), C) FOV probabilities (eval mode)."""
     was = model.training
     model.eval()
-    out = [model(*collate(fs, idx[i:i + batch])[:2])["probs"] for i in range(0, len(idx), batch)]
+    out = [_batch_out(model, fs, idx[i:i + batch], feats)[0]["probs"] for i in range(0, len(idx), batch)]
     model.train(was)
     return torch.cat(out).numpy() if out else np.zeros((0, len(fs.classes)), np.float32)
 
@@ -261,13 +295,14 @@ def fit(model: FOVGrader, fs: FovSet, tr: np.ndarray, va: np.ndarray, s: GraderS
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 *
                                               (1 + math.cos(math.pi * min(i, total) / total)))
     best, history = (-1.0, None), []
+    feats = cnn_features(model, fs) if s.freeze_backbone else None
     for epoch in range(s.epochs):
         _train_mode(model, s.freeze_backbone)
         perm = tr[torch.randperm(len(tr), generator=gen).numpy()]
         parts = []
         for i in range(0, len(perm), s.batch):
-            cells, mask, y = collate(fs, perm[i:i + s.batch], gen)
-            loss, p = grader_loss(model(cells, mask), mask, y, s.lam if s.local else 0.0)
+            out, mask, y = _batch_out(model, fs, perm[i:i + s.batch], feats, gen)
+            loss, p = grader_loss(out, mask, y, s.lam if s.local else 0.0)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 10.0)
@@ -280,7 +315,7 @@ def fit(model: FOVGrader, fs: FovSet, tr: np.ndarray, va: np.ndarray, s: GraderS
         rec = {"epoch": epoch + 1, "loss": round(float(m[0]), 4), "roi": round(float(m[1]), 4),
                "cell": round(float(m[2]), 4)}
         if len(va):
-            acc = float((predict(model, fs, va).argmax(1) == fs.labels[va]).mean())
+            acc = float((predict(model, fs, va, feats=feats).argmax(1) == fs.labels[va]).mean())
             rec["val_acc"] = round(acc, 4)
             if acc >= best[0]:
                 best = (acc, copy.deepcopy(model.state_dict()))

@@ -201,6 +201,13 @@ class Trainer:
                               f"checkpoint is {self.out / 'last.pt'} (lower optim.lr or check the data)")
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(losses["total"]).backward()
+        if self.world > 1:  # component modules (adaptation layers, MIL head) live outside DDP
+            for c in self.components:
+                for m in c.modules():
+                    for p in m.parameters():
+                        if p.grad is not None:
+                            dist.all_reduce(p.grad)
+                            p.grad /= self.world
         if cfg.optim.grad_clip:
             self.scaler.unscale_(self.opt)
             params = [p for g in self.opt.param_groups for p in g["params"]]

@@ -242,15 +242,22 @@ class FOVGrader(nn.Module):
         return x, (self.vit(fmap) if self.cfg.local else None)
 
     def forward(self, cells: torch.Tensor, mask: torch.Tensor) -> dict:
-        """cells (B, N, 3, S, S) normalised, mask (B, N) bool -> dict (see `head`)."""
+        """cells (B, N, 3, S, S) normalised, mask (B, N) bool -> dict (see `head_forward`)."""
         b, n = mask.shape
         x = cells.new_zeros(b, n, self.encoder.d_f)
-        y = cells.new_zeros(b, n, self.cfg.vit_dim) if self.cfg.local else None
-        if bool(mask.any()):
-            xv, yv = self.encode(cells[mask])                 # only real cells reach the CNN
-            x = x.masked_scatter(mask[..., None], xv)
-            if y is not None:
-                y = y.masked_scatter(mask[..., None], yv)
+        if not bool(mask.any()):
+            return self.head_forward(x, cells.new_zeros(b, n, self.cfg.vit_dim) if self.cfg.local else None, mask)
+        xv, fmap = self.encoder(cells[mask])                  # only real cells reach the CNN
+        return self.forward_features(x.masked_scatter(mask[..., None], xv), fmap, mask)
+
+    def forward_features(self, x: torch.Tensor, fmap: torch.Tensor, mask: torch.Tensor) -> dict:
+        """From CNN outputs: x (B, N, d_f) pooled features, fmap (n_real, d_c, h, w) stage-4 maps of the
+        real cells in mask order, mask (B, N). Training with a frozen CNN caches these."""
+        y = None
+        if self.cfg.local:
+            y = x.new_zeros(*mask.shape, self.cfg.vit_dim)
+            if len(fmap):
+                y = y.masked_scatter(mask[..., None], self.vit(fmap))
         return self.head_forward(x, y, mask)
 
     def head_forward(self, x: torch.Tensor, y: torch.Tensor | None, mask: torch.Tensor) -> dict:

@@ -62,6 +62,7 @@ def test_crop_set_is_balanced_and_centred(crops):
 @pytest.mark.parametrize("features", [hs_hist, rgb_hist], ids=["hue-saturation", "rgb"])
 def test_colour_histograms_stay_near_chance(crops, features):
     acc = cv_balanced_accuracy(features(crops.images), crops.labels)
+    print(f"colour-only balanced accuracy {acc:.3f} (chance {CHANCE:.3f})")
     assert acc <= CHANCE + 0.10, f"colour alone separates the classes: balanced accuracy {acc:.3f}"
 
 
@@ -90,6 +91,7 @@ def test_small_cnn_tells_the_classes_apart():
     with torch.no_grad():
         pred = net(_tensor(torch, test.images)).argmax(1).numpy()
     acc = balanced_accuracy_score(test.labels, pred)
+    print(f"small CNN balanced accuracy {acc:.3f} (chance {CHANCE:.3f})")
     assert acc >= CHANCE + 0.30, f"a small CNN reached only {acc:.3f}"
 
 

@@ -82,7 +82,7 @@ def plan_field(rng: np.random.Generator, area_mm2: float, classes: list[str] | N
         squamous=n(110, 340) if dense else (int(rng.integers(2, 12)) if kind == "sparse" else 0),
         metaplastic=n(5, 40) if dense else (int(rng.integers(0, 3)) if kind == "sparse" else 0),
         neutrophils=(n(5, 120) if rng.random() < 0.5 else n(0, 15)) if kind != "empty" else 0,
-        rbc=n(20, 150) if rng.random() < 0.15 else n(0, 5),
+        rbc=0 if kind == "empty" else n(20, 150) if rng.random() < 0.15 else n(0, 5),
         debris=n(5, 40), focus=sample_focus(rng), clump=float(rng.uniform(0.1, 0.6)),
         inflam_clusters=n(0, 8) if kind != "empty" and rng.random() < 0.6 else 0,
         bacteria="flora" in labelled and rng.random() < 0.7)

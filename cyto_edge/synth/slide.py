@@ -65,8 +65,22 @@ class SlideParams:
                    view_h=min(960, h // 2), stops=opts.stops, max_object_px=opts.max_object_px)
 
     def key(self) -> str:
-        blob = json.dumps({"v": SLIDE_VERSION, **asdict(self)}, sort_keys=True)
+        blob = json.dumps({"v": SLIDE_VERSION, "renderer": renderer_fingerprint(), **asdict(self)}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+_RENDERER = ("stain", "shapes", "cells", "lesions", "organisms", "field", "optics", "slide")
+_FINGERPRINT: list[str] = []
+
+
+def renderer_fingerprint() -> str:
+    """Hash of the renderer's source: a cached slide is never reused after the drawing code changes."""
+    if not _FINGERPRINT:
+        h = hashlib.sha256()
+        for name in _RENDERER:
+            h.update((Path(__file__).parent / f"{name}.py").read_bytes())
+        _FINGERPRINT.append(h.hexdigest()[:12])
+    return _FINGERPRINT[0]
 
 
 @dataclass

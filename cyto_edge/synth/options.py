@@ -52,7 +52,10 @@ class SynthOptions:
         return self.images - self.n_test
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Every parameter that shapes the output (`workers` does not: the files are the same)."""
+        d = asdict(self)
+        d.pop("workers")
+        return d
 
 
 def _check(ok: bool, name: str, what: str, got) -> None:

@@ -167,9 +167,7 @@ def test_deterministic_per_seed_and_workers(tmp_path):
     generate(tmp_path / "b", SynthOptions(**{**opts.to_dict(), "workers": 2}))
     generate(tmp_path / "c", SynthOptions(**{**opts.to_dict(), "seed": 12}))
     a, b, c = _digest(tmp_path / "a"), _digest(tmp_path / "b"), _digest(tmp_path / "c")
-    assert len(a) == 8 and a.keys() == b.keys()
-    assert {k: v for k, v in a.items() if k != "synth.json"} == {k: v for k, v in b.items() if k != "synth.json"}
-    assert json.loads((tmp_path / "a/synth.json").read_text())["train"] == json.loads((tmp_path / "b/synth.json").read_text())["train"]
+    assert len(a) == 8 and a == b  # byte-identical, whatever the number of worker processes
     jpgs = [k for k in a if k.endswith(".jpg")]
     assert all(a[k] != c.get(k) for k in jpgs)
 

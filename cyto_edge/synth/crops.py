@@ -34,7 +34,9 @@ def labelled_crops(n_per_class: int, seed: int, window: int = 160, out: int = 80
     count = dict.fromkeys(classes, 0)
     crops, labels, boxes = [], [], []
     area_mm2 = (field * um_per_px / 1000.0) ** 2
-    while min(count.values()) < n_per_class:
+    for _ in range(50 * n_per_class * len(classes)):
+        if min(count.values()) >= n_per_class:
+            break
         need = [c for c in classes if count[c] < n_per_class]
         pick = [str(c) for c in rng.choice(need, size=min(per_field, len(need)), replace=False)]
         plan = plan_field(rng, area_mm2, classes=pick, kind="lesion")
@@ -48,6 +50,8 @@ def labelled_crops(n_per_class: int, seed: int, window: int = 160, out: int = 80
             boxes.append(b)
             labels.append(classes.index(c))
             count[c] += 1
+    if min(count.values()) < n_per_class:
+        raise RuntimeError(f"could not place {n_per_class} objects of every class in {field} px fields: {count}")
     return CropSet(np.stack(crops), np.asarray(labels, np.int64), np.asarray(boxes), tuple(classes))
 
 

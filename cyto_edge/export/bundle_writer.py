@@ -7,8 +7,18 @@ from pathlib import Path
 import numpy as np
 
 from cyto_edge.errors import BadInput
-from cyto_edge.runtime.bundle import (InputSpec, Manifest, OutputSpec, PostprocessSpec, TileSpec, file_entry,
-                                      sha256_file, write_manifest)
+from cyto_edge.runtime.bundle import (InputSpec, Manifest, MilOutputSpec, OutputSpec, PostprocessSpec, TileSpec,
+                                      file_entry, sha256_file, write_manifest)
+
+
+def mil_output_spec(ck: dict) -> MilOutputSpec | None:
+    """The manifest's `output.mil` for a checkpoint trained with a re-scoring MIL head (train/mil.py), else None."""
+    for sd in ck.get("components") or []:
+        if isinstance(sd, dict) and sd.get("kind") == "mil":
+            m = sd["meta"]
+            if m["refine_stages"] and m["rescore"] > 0:
+                return MilOutputSpec(weight=m["rescore"], topk=m["proposals"], refine_stages=m["refine_stages"])
+    return None
 
 
 def manifest_from_checkpoint(ck: dict, ckpt_path: Path, name: str) -> Manifest:
@@ -19,7 +29,8 @@ def manifest_from_checkpoint(ck: dict, ckpt_path: Path, name: str) -> Manifest:
         um_per_px=float(ck["um_per_px"]),
         input=InputSpec(size=(S, S), color=norm.get("color", "RGB"), scale=norm["scale"], mean=tuple(norm["mean"]),
                         std=tuple(norm["std"])),
-        output=OutputSpec(num_priors=int(ck["priors"].shape[0]), variances=tuple(ck["variances"])),
+        output=OutputSpec(num_priors=int(ck["priors"].shape[0]), variances=tuple(ck["variances"]),
+                          mil=mil_output_spec(ck)),
         postprocess=PostprocessSpec(tile=TileSpec(size=S, overlap=int(ck.get("tile_overlap", 160)))),
         provenance={"model": ck["model"], "training_config": ck.get("config"),
                     "dataset_fingerprint": ck.get("dataset_fingerprint"), "checkpoint": str(ckpt_path),
@@ -53,10 +64,11 @@ def add_file(out: Path, m: Manifest, rel: str, kind: str, precision: str | None,
 def export_fp32_bundle(ckpt_path: str | Path, out: str | Path) -> Path:
     """The minimal bundle: priors + fp32 ONNX (no verification gate; `cyto-edge export` adds that)."""
     from cyto_edge.export.onnx import export_onnx, onnx_opset
-    from cyto_edge.train.checkpoint import load_checkpoint, model_from_checkpoint
+    from cyto_edge.train.checkpoint import load_checkpoint
+    from cyto_edge.train.mil import inference_model_from_checkpoint
 
     ck = load_checkpoint(ckpt_path)
     out, m = start_bundle(Path(out), ck, Path(ckpt_path))
-    export_onnx(model_from_checkpoint(ck), out / "model.onnx")
+    export_onnx(inference_model_from_checkpoint(ck), out / "model.onnx")   # + the MIL output when trained with one
     add_file(out, m, "model.onnx", "onnx", "fp32", opset=onnx_opset(out / "model.onnx"))
     return out

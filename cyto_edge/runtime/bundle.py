@@ -51,12 +51,27 @@ class InputSpec(_M):
     dtype: Literal["float32"] = "float32"
 
 
+class MilOutputSpec(_M):
+    """The optional third output of a detector trained with the MIL head (runtime/rescore.py)."""
+
+    name: str = "mil"                          # (N, P, C+1) per-prior class distribution, column 0 background
+    kind: Literal["prior_class_probs"] = "prior_class_probs"
+    weight: float = Field(0.5, ge=0, le=1)     # q = (1 - weight) softmax(logits) + weight mil
+    topk: int = Field(..., gt=0)               # priors per image scored by the MIL head (the rest copy the SSD's)
+    refine_stages: int = Field(..., gt=0)      # OICR stages averaged
+
+
 class OutputSpec(_M):
     kind: Literal["ssd_raw"] = "ssd_raw"
     names: tuple[str, str] = ("loc", "logits")  # (N, P, 4) offsets, (N, P, C+1) logits, column 0 background
     num_priors: int
     priors_file: str = "priors.npy"            # float32 (P, 4) normalized cx, cy, w, h
     variances: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2)
+    mil: MilOutputSpec | None = None           # a third output re-scoring the detections (MIL detector)
+
+    def all_names(self) -> list[str]:
+        """The graph outputs an engine returns, in order: loc, logits[, mil]."""
+        return [*self.names, *([self.mil.name] if self.mil else [])]
 
 
 class TileSpec(_M):
@@ -284,6 +299,10 @@ class Bundle:
             have = ", ".join(f"{e.path} ({e.kind}, {e.precision})" for e in self.manifest.files if e.role == role)
             raise BundleError(f"{self.path}: no {kind} {precision or ''} {role} file in this bundle; it has: {have}")
         return self.path / f.path
+
+    def rescore_weight(self) -> float | None:
+        """The MIL re-scoring weight for `tiling.detect_frame`, None for a two-output detector."""
+        return self.manifest.output.mil.weight if self.manifest.output.mil else None
 
     def postprocess(self, keep_probs: bool = False) -> PostProcess:
         return self.manifest.postprocess.to_postprocess(self.classes, keep_probs)

@@ -4,8 +4,13 @@
       -> rescaled by src_um_per_px / model_um_per_px (physical scale matching)
       -> overlapping tiles of the model input size at native resolution (decode.tile_grid),
          padded bottom/right with the normalization mean (normalizes to 0, as training pads)
-      -> normalized NCHW float32 batches -> infer(batch) -> (loc (T, P, 4), logits (T, P, C+1))
+      -> normalized NCHW float32 batches -> infer(batch) -> (loc (T, P, 4), logits (T, P, C+1)[, mil (T, P, C+1)])
+      -> [runtime/rescore.py: logits re-scored by the MIL output, when the model has one]
       -> decode.postprocess per tile -> decode.merge_tiles -> boxes in the input image's pixels
+
+A model trained with the MIL detector (train/mil.py) returns a third output; its re-scoring weight is the
+manifest's `output.mil.weight` (Bundle.rescore_weight()) and must be passed as `rescore_weight`, so that
+the device and `eval` re-score identically. A third output without a weight is refused, never ignored.
 """
 from __future__ import annotations
 
@@ -15,8 +20,9 @@ import cv2
 import numpy as np
 
 from cyto_edge.runtime.decode import Detections, PostProcess, TileGrid, merge_tiles, postprocess, tile_grid
+from cyto_edge.runtime.rescore import rescored_logits
 
-InferFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+InferFn = Callable[[np.ndarray], tuple[np.ndarray, ...]]  # (loc, logits) or (loc, logits, mil)
 
 
 def normalize_batch(tiles: np.ndarray, mean, std, scale: float = 1 / 255.0) -> np.ndarray:
@@ -52,16 +58,30 @@ def cut_tiles(img: np.ndarray, tile: int, overlap: int, pad_rgb=(124, 116, 104))
 
 def detect_frame(infer: InferFn, img_rgb: np.ndarray, *, input_size: int, priors: np.ndarray, variances,
                  cfg: PostProcess, mean, std, scale: float = 1 / 255.0, overlap: int = 128,
-                 factor: float = 1.0, batch_size: int = 8, edge_margin: float = 3.0) -> Detections:
+                 factor: float = 1.0, batch_size: int = 8, edge_margin: float = 3.0,
+                 rescore_weight: float | None = None) -> Detections:
     """Detections of a whole frame, in the frame's own pixels. `factor` = src µm/px / model µm/px."""
     img = rescale(img_rgb, factor)
     tiles, grid = cut_tiles(img, input_size, overlap, pad_value(mean))
     per_tile: list[Detections] = []
     for s in range(0, len(tiles), batch_size):
-        loc, logits = infer(normalize_batch(tiles[s:s + batch_size], mean, std, scale))
+        loc, logits = _rescored(infer(normalize_batch(tiles[s:s + batch_size], mean, std, scale)), rescore_weight)
         for i in range(loc.shape[0]):
             per_tile.append(postprocess(loc[i], logits[i], priors, variances, (input_size, input_size), cfg))
     det = merge_tiles(per_tile, grid, cfg.nms_iou, edge_margin, cfg.max_detections)
     if abs(factor - 1.0) >= 1e-3:
         det = det.shifted(0, 0, 1.0 / factor)
     return det
+
+
+def _rescored(outputs, weight: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """(loc, logits) as they are, or (loc, logits re-scored by the MIL output) for a three-output model."""
+    if len(outputs) == 2:
+        return outputs[0], outputs[1]
+    if len(outputs) != 3:
+        raise ValueError(f"a detector returns (loc, logits) or (loc, logits, mil), got {len(outputs)} outputs")
+    if weight is None:
+        raise ValueError("the model returns a MIL re-scoring output: pass rescore_weight "
+                         "(the manifest's output.mil.weight, Bundle.rescore_weight())")
+    loc, logits, mil = outputs
+    return loc, rescored_logits(logits, mil, weight)

@@ -98,16 +98,26 @@ class DistillCfg(_C):
 
 
 class MilCfg(_C):
-    """MIL detector with OICR refinement (LD-WSCCD eq. 15-16); see train/losses/mil.py."""
+    """MIL detector with OICR refinement (LD-WSCCD eq. 15-16); see train/mil.py and train/losses/mil.py."""
 
     refine_stages: int = Field(3, ge=0)
     cls_weight: float = Field(1.0, ge=0)
     ref_weight: float = Field(1.0, ge=0)
-    proposals: int = Field(300, gt=0)
+    proposals: int = Field(300, gt=0)                  # SSD top-K priors per crop (and per exported tile)
     roi_size: int = Field(7, gt=0)
     hidden: int = Field(256, gt=0)
     rescore: float = Field(0.5, ge=0, le=1)            # weight of the MIL score in re-scoring at inference
     pseudo_threshold: float = Field(0.5, ge=0, le=1)
+    level: int = Field(1, ge=0)                        # student feature level of the RoI features
+    reduce: int = Field(64, ge=0)                      # 1x1 conv channels before RoIAlign (0: none)
+    iou_threshold: float = Field(0.5, gt=0, lt=1)      # OICR: IoU with a seed to take its class
+    proposal_source: Literal["auto", "ssd", "priors"] = "auto"  # auto: ssd with boxed images, else priors
+    prior_min_stride: int = Field(16, gt=0)            # image-level-only proposals: priors of these levels
+    weak_bags: int = Field(1, ge=0)                    # whole weak fields per step (one bag each)
+    bag_proposals: int = Field(1500, gt=0)             # proposals per weak field (random subset beyond)
+    bag_max_side: int = Field(2048, gt=31)             # larger fields go through in windows, one bag
+    pseudo_start: float = Field(0.3, ge=0, le=1)       # fraction of training before weak crops get pseudo-boxes
+    pseudo_weight: float = Field(1.0, ge=0)
 
 
 class TrainConfig(_C):

@@ -16,12 +16,12 @@ from cyto_edge.train.data.types import DetectionDataset
 
 
 def torch_infer(model: torch.nn.Module, device: torch.device):
-    """numpy (T, 3, H, W) -> numpy (loc, logits), the same shape contract as a runtime Engine."""
+    """numpy (T, 3, H, W) -> numpy (loc, logits[, mil]), the same contract as a runtime Engine (a detector
+    with a MIL head, train/models/mil_head.MilDetector, returns the third output that detect_frame re-scores by)."""
 
     @torch.no_grad()
     def infer(x: np.ndarray):
-        loc, logits = model(torch.from_numpy(x).to(device))
-        return loc.float().cpu().numpy(), logits.float().cpu().numpy()
+        return tuple(o.float().cpu().numpy() for o in model(torch.from_numpy(x).to(device)))
 
     return infer
 
@@ -47,7 +47,8 @@ def detect_dataset(model, ds: DetectionDataset, *, model_um_per_px: float | None
     images = ds.images[:max_images] if max_images else ds.images
     for rec in images:
         out.append(detect_frame(infer, read_rgb(rec.file), input_size=S, priors=pri, variances=model.variances,
-                                cfg=cfg, mean=mean, std=std, overlap=overlap, factor=factor, batch_size=batch_size))
+                                cfg=cfg, mean=mean, std=std, overlap=overlap, factor=factor, batch_size=batch_size,
+                                rescore_weight=getattr(model, "rescore_weight", None)))
         if progress is not None:
             progress()
     model.train(was)

@@ -53,7 +53,9 @@ def load_data(cfg: TrainConfig):
 class Trainer:
     """One training run. `components` add losses (distillation, MIL): objects with `losses(batch, feats, loc,
     logits, step) -> dict`, `modules() -> list[nn.Module]` (trained with the student), `state_dict()`,
-    `load_state_dict()`, and `check(model, dataset)` (raises BadInput before training when incompatible)."""
+    `load_state_dict()`, and `check(model, dataset)` (raises BadInput before training when incompatible).
+    Optional: `attach(trainer)` (called once setup is complete: the train split, crops, config) and
+    `inference_model(model) -> nn.Module` (what validation runs, e.g. the detector with its MIL head)."""
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, console: Console | None = None,
                  components: list | None = None, out_dir: Path | None = None):
@@ -110,6 +112,9 @@ class Trainer:
         self.crops = CropDataset(self.train_ds, self.model.spec.input_size, self.um_per_px,
                                  cfg.schedule.steps_per_epoch * cfg.optim.batch_size,
                                  seed=cfg.seed * 1000 + self.rank, aug=aug, weights=weights)
+        for c in self.components:
+            if hasattr(c, "attach"):
+                c.attach(self)
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             self.log = MetricLog(self.out, cfg.tensorboard)
@@ -226,6 +231,9 @@ class Trainer:
         if len(self.val_ds) == 0:
             return {}
         model = self.ema.module if self.ema else self.model
+        for c in self.components:
+            if hasattr(c, "inference_model"):
+                model = c.inference_model(model)
         e = self.cfg.eval
         metrics, _ = evaluate_model(model, self.val_ds, model_um_per_px=self.um_per_px, overlap=e.tile_overlap,
                                     mean=MEAN, std=STD, score_threshold=e.score_threshold, nms_iou=e.nms_iou,

@@ -2,7 +2,9 @@
 
 Contract: `engine.infer(x)` takes a normalized float32 NCHW batch (any batch size; the model input
 size of the bundle) and returns the raw head outputs `(loc (N, P, 4), logits (N, P, C+1))` as float32
-numpy arrays. Nothing else: decoding and NMS live in runtime/decode.py. Engines are context managers.
+numpy arrays, followed by `mil (N, P, C+1)` when the manifest declares one (`output.all_names()`; a MIL
+detector, re-scored in tiling.detect_frame). Nothing else: decoding and NMS live in runtime/decode.py.
+Engines are context managers.
 
     from cyto_edge.runtime.engines import load_engine
     with load_engine(bundle, "openvino", precision="int8", threads=2) as eng:
@@ -22,7 +24,7 @@ class Engine(Protocol):
     name: str
     precision: str
 
-    def infer(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+    def infer(self, x: np.ndarray) -> tuple[np.ndarray, ...]: ...
 
     def close(self) -> None: ...
 

@@ -39,16 +39,17 @@ def evaluate_checkpoint(ckpt_path: Path, data: Path, split: str, out: Path | Non
 
     from cyto_edge.errors import BadInput
     from cyto_edge.runtime.plots import write_pr_plots
-    from cyto_edge.train.checkpoint import load_checkpoint, model_from_checkpoint
+    from cyto_edge.train.checkpoint import load_checkpoint
     from cyto_edge.train.data.load import load_detection
     from cyto_edge.train.evaluate import evaluate_model
+    from cyto_edge.train.mil import inference_model_from_checkpoint
 
     console = Console(stderr=True)
     ck = load_checkpoint(ckpt_path)
     ds = load_detection(data, split=split)
     if list(ds.classes) != list(ck["classes"]):
         raise BadInput(f"{data}: dataset classes {ds.classes} do not match the checkpoint's {ck['classes']}")
-    model = model_from_checkpoint(ck)
+    model = inference_model_from_checkpoint(ck)   # with its MIL head (re-scoring) when trained with one
     norm = ck["normalization"]
     n = min(len(ds), max_images) if max_images else len(ds)
     with Progress(console=console, transient=True) as prog:

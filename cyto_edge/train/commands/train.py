@@ -50,11 +50,12 @@ def register(app: typer.Typer) -> None:
         if name is not None:
             overrides.append(f"name={name}")
         cfg = load_config(config, overrides)
+        from cyto_edge.train.components import build_components
         from cyto_edge.train.loop import Trainer
 
         import os
 
-        result = Trainer(cfg, resume=resume).run()
+        result = Trainer(cfg, resume=resume, components=build_components(cfg)).run()
         if os.environ.get("RANK", "0") != "0":
             return
         if json_out:

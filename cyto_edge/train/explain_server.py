@@ -6,6 +6,7 @@ import base64
 import hmac
 import ipaddress
 import json
+import sys
 import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -57,8 +58,8 @@ def make_server(explainer: Explainer, host: str = "127.0.0.1", port: int = 8765,
     class Handler(BaseHTTPRequestHandler):
         server_version = "cyto-edge-explain"
 
-        def log_message(self, fmt, *args):  # quiet; the command prints one line per request itself
-            pass
+        def log_message(self, fmt, *args):  # one line per request on stderr
+            sys.stderr.write(f"{self.address_string()} {fmt % args}\n")
 
         def _send(self, status: int, body: bytes, ctype: str, headers: dict | None = None):
             self.send_response(status)
@@ -98,6 +99,8 @@ def make_server(explainer: Explainer, host: str = "127.0.0.1", port: int = 8765,
                     ex = explainer.explain(rgb, **opts)
             except CytoError as e:
                 return self._json(400, {"error": str(e)})
+            except Exception as e:  # noqa: BLE001 - the service answers, the client gets the reason
+                return self._json(500, {"error": f"explanation failed ({type(e).__name__}: {str(e)[:200]})"})
             info = {**ex.to_json(), "image_size": [rgb.shape[1], rgb.shape[0]]}
             png = encode_png(ex.overlay)
             self.server.explained += 1  # type: ignore[attr-defined]

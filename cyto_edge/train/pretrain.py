@@ -15,13 +15,19 @@ unit variance (removes brightness, colour and illumination-gradient cues between
 are shuffled by one of the `num_perms` permutations; the network predicts which.
 
 The output file (`--out pretrained.pt`) holds the trunk's weights under the names they carry inside
-the target model, the permutation set and the run's figures. Other models take them with
+the target model ("backbone.*" for a detector, "stem.*"/"stages.*" for a models/rcan.py classifier),
+the permutation set and the run's figures. How other models take them (`--init pretrained.pt`):
 
-    from cyto_edge.train.pretrain import load_pretrained_backbone
-    matched, missing = load_pretrained_backbone(model, "pretrained.pt")
+- detectors: `cyto-edge train RECIPE --set model.init=pretrained.pt` (the train loop loads every tensor
+  whose name and shape match and prints "initialised N/M tensors"); pretrain with `--arch` set to the
+  recipe's model name and `--arch-kw` set to its builder kwargs, so that all backbone tensors match;
+- anything else (a classifier, the patch-attention classifier, a grader with an image trunk): call
 
-which is what `--init pretrained.pt` of the train commands does: call it after building the model and
-before the optimiser, and print how many tensors matched.
+      from cyto_edge.train.pretrain import load_pretrained_backbone
+      matched, missing = load_pretrained_backbone(model, "pretrained.pt")
+
+  after building the model and before creating the optimiser, and report len(matched); it also matches
+  names that differ by a leading prefix (`backbone.`, `trunk.body.`).
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ Every image under --unlabeled (recursively; jpg/png/bmp/tif; e.g. the frames a d
 
 --arch picks the backbone that will receive the weights: a detector name (its backbone, e.g. ssdlite320_mobilenetv3, tiny) or a classifier (rcan, rcan-noca, plain). Give the same keyword arguments as the target model with --arch-kw (e.g. --arch-kw width_mult=0.5), so that every tensor matches by name and shape.
 
-Use the result with the train commands' --init pretrained.pt, or in code: load_pretrained_backbone(model, "pretrained.pt") from cyto_edge.train.pretrain, which reports the tensors that matched.
+Use the result: `cyto-edge train RECIPE --set model.init=pretrained.pt` for a detector (pretrain with --arch set to the recipe's model), or in code load_pretrained_backbone(model, "pretrained.pt") from cyto_edge.train.pretrain, which reports the tensors that matched.
 """
 
 
@@ -131,4 +131,4 @@ def _print_result(res: dict, as_json: bool) -> None:
     typer.echo(f"permutations: {p['count']} (minimum Hamming distance {p['min_hamming']}, mean {p['mean_hamming']}); "
                f"chance {res['chance']:.3f}; held-out jigsaw accuracy {res['heldout_accuracy']:.3f}")
     typer.echo(f"wrote {res['out']} ({res['tensors']} backbone tensors of {res['arch']}, {res['seconds']} s); "
-               f"use it with --init {res['out']}")
+               f"use it with: cyto-edge train RECIPE --set model.init={res['out']} (model {res['arch']})")

@@ -158,13 +158,18 @@ def build_trunk(arch: str, **kw) -> Trunk:
 # ----------------------------------------------------------------------------------- jigsaw net
 
 class JigsawNet(nn.Module):
-    """Context-free network: tiles (N, 9, 3, t, t) -> permutation logits (N, num_perms)."""
+    """Context-free network: tiles (N, 9, 3, t, t) -> permutation logits (N, num_perms).
 
-    def __init__(self, trunk: Trunk, num_perms: int, fc6: int = 256, fc7: int = 512, dropout: float = 0.3):
+    fc6 sees the tile's feature map pooled to `pool` x `pool` (not a global average): as in N&F, where
+    fc6 takes the 3x3 conv5 map, the layout inside a tile (where a cell is cut by the tile's border) is
+    what tells neighbouring tiles apart."""
+
+    def __init__(self, trunk: Trunk, num_perms: int, fc6: int = 256, fc7: int = 512, dropout: float = 0.3,
+                 pool: int = 3):
         super().__init__()
         self.trunk = trunk
-        self.fc6 = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(trunk.out_channels, fc6),
-                                 nn.ReLU(inplace=True))
+        self.fc6 = nn.Sequential(nn.AdaptiveAvgPool2d(pool), nn.Flatten(),
+                                 nn.Linear(trunk.out_channels * pool * pool, fc6), nn.ReLU(inplace=True))
         self.fc7 = nn.Sequential(nn.Dropout(dropout), nn.Linear(NUM_TILES * fc6, fc7), nn.ReLU(inplace=True))
         self.fc8 = nn.Linear(fc7, num_perms)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from cyto_edge.errors import BadInput, MissingExtra
+from cyto_edge.runtime.bundle import BundleError
 from cyto_edge.runtime.engines import EngineBase
 
 try:
@@ -21,12 +22,12 @@ class OnnxRuntimeEngine(EngineBase):
     name = "onnxruntime"
 
     def __init__(self, bundle, precision: str | None = None, device: str | None = None, threads: int | None = None,
-                 **options):
+                 *, file: str | None = None, **options):
         super().__init__(bundle, precision, device, threads, **options)
         self.precision = precision or "fp32"
         if self.precision not in PRECISION_FILES:
             raise BadInput(f"onnxruntime: precision {self.precision!r} must be one of {', '.join(PRECISION_FILES)}")
-        path = bundle.model_file("onnx", PRECISION_FILES[self.precision])
+        path = self._model_path(bundle, file)
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -41,9 +42,18 @@ class OnnxRuntimeEngine(EngineBase):
             raise BadInput(f"onnxruntime: {PROVIDERS[dev][0]} is not available here (have: {', '.join(sorted(available))})")
         self.session = ort.InferenceSession(str(path), sess_options=so, providers=wanted)
         self.input_name = self.session.get_inputs()[0].name
-        self.output_names = list(bundle.manifest.output.names)
+        self.output_names = bundle.manifest.output.all_names()   # loc, logits[, mil]
         self.providers = self.session.get_providers()
 
-    def infer(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        loc, logits = self.session.run(self.output_names, {self.input_name: self.check_input(x)})
-        return loc.astype(np.float32, copy=False), logits.astype(np.float32, copy=False)
+    def _model_path(self, bundle, file: str | None):
+        """The ONNX file of the precision, or the manifest entry `file` (pinned by the export gate)."""
+        if file is None:
+            return bundle.model_file("onnx", PRECISION_FILES[self.precision])
+        for f in bundle.manifest.files:
+            if f.path == file and f.kind == "onnx" and f.role == "detector":
+                return bundle.path / f.path
+        raise BundleError(f"{bundle.path}: no ONNX detector file {file!r} in the manifest")
+
+    def infer(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
+        outs = self.session.run(self.output_names, {self.input_name: self.check_input(x)})
+        return tuple(o.astype(np.float32, copy=False) for o in outs)

@@ -1,0 +1,107 @@
+"""INT8: static post-training quantization of the fp32 ONNX to ONE QDQ ONNX file.
+
+    path = export_int8("b/model.onnx", "b/model.int8.onnx", tiles, method="entropy")
+    qdq_coverage(path)     # {"weights": 37, "quantized": 37, "fraction": 1.0, ...}
+
+The one file serves ONNX Runtime, OpenVINO and TensorRT, so it is written in the form all three take:
+QuantizeLinear/DequantizeLinear pairs (QuantFormat.QDQ), weights int8 symmetric per output channel,
+activations int8 symmetric per tensor (zero point 0). TensorRT accepts only symmetric int8 Q/DQ
+(onnx-tensorrt docs/operators.md: QuantizeLinear "`y_zero_point` must be 0", DequantizeLinear
+"`x_zero_point` must be zero"; TensorRT "Working with Quantized Types": symmetric quantization).
+ONNX Runtime on x86 converts s8 activations to u8 internally for its VNNI kernels; OpenVINO's
+low-precision transformations run the convolutions in u8/i8 (see OpenVinoEngine.runtime_precisions).
+
+Calibration methods (onnxruntime.quantization.CalibrationMethod): minmax (range of every tensor over
+the calibration tiles), entropy (KL-divergence threshold of the histogram, as TensorRT's calibrator),
+percentile (99.999th percentile of |x|). Calibration tiles come from export/calibration.py.
+`overrides` pins activation ranges by tensor name (quantization-aware fine-tuning, export/qat.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from cyto_edge.errors import BadInput
+from cyto_edge.export.calibration import TileReader
+from cyto_edge.export.onnx import INPUT_NAME
+
+METHODS = ("minmax", "entropy", "percentile")
+WEIGHT_OPS = ("Conv", "Gemm")
+SETTINGS = {"format": "QDQ", "weights": "int8 symmetric per-channel", "activations": "int8 symmetric per-tensor",
+            "bias": "float"}
+
+
+def _method(name: str):
+    from onnxruntime.quantization import CalibrationMethod
+
+    table = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+             "percentile": CalibrationMethod.Percentile}
+    if name not in table:
+        raise BadInput(f"--calib-method {name!r} must be one of {', '.join(METHODS)}")
+    return table[name]
+
+
+def export_int8(fp32_onnx: str | Path, out: str | Path, tiles: np.ndarray, method: str = "minmax",
+                overrides: dict[str, tuple[float, float]] | None = None, batch: int = 8) -> Path:
+    """Quantize `fp32_onnx` with calibration `tiles` (N, 3, H, W) float32 into the QDQ file `out`."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    out = Path(out)
+    calib = _method(method)
+    # biases stay float (TensorRT's DequantizeLinear takes int8, not int32; ORT and OpenVINO fuse them as fast)
+    extra: dict = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}
+    if method == "percentile":
+        extra["CalibPercentile"] = 99.999
+    if overrides:
+        extra["TensorQuantOverrides"] = {name: [{"rmin": float(lo), "rmax": float(hi)}]
+                                         for name, (lo, hi) in overrides.items()}
+    with tempfile.TemporaryDirectory(prefix="cyto-int8-") as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        # the calibrators print progress to stdout: keep the command's --json output clean
+        with contextlib.redirect_stdout(io.StringIO()):
+            quant_pre_process(str(fp32_onnx), str(pre), skip_symbolic_shape=True)
+            quantize_static(str(pre), str(out), TileReader(tiles, INPUT_NAME, batch), quant_format=QuantFormat.QDQ,
+                            per_channel=True, reduce_range=False, activation_type=QuantType.QInt8,
+                            weight_type=QuantType.QInt8, calibrate_method=calib, extra_options=extra,
+                            calibration_providers=["CPUExecutionProvider"])
+    return out
+
+
+def qdq_coverage(path: str | Path) -> dict:
+    """How much of the model runs in int8: Conv/Gemm whose weight and input come through DequantizeLinear."""
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    producer = {o: n for n in g.node for o in n.output}
+    nodes = [n for n in g.node if n.op_type in WEIGHT_OPS]
+
+    def dq(name: str) -> bool:
+        p = producer.get(name)
+        return p is not None and p.op_type == "DequantizeLinear"
+
+    w = [n for n in nodes if len(n.input) > 1 and dq(n.input[1])]
+    a = [n for n in nodes if dq(n.input[0])]
+    n = max(1, len(nodes))
+    return {"weights": len(nodes), "quantized": len(w), "fraction": round(len(w) / n, 4),
+            "inputs_quantized_fraction": round(len(a) / n, 4),
+            "not_quantized": [x.name for x in nodes if x not in w][:20]}
+
+
+def zero_points_nonzero(path: str | Path) -> list[str]:
+    """Q/DQ nodes whose zero point is not 0 (TensorRT refuses them); [] for a symmetric file."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path), load_external_data=False)
+    inits = {i.name: i for i in m.graph.initializer}
+    bad = []
+    for n in m.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2 and n.input[2] in inits:
+            if np.any(numpy_helper.to_array(inits[n.input[2]]) != 0):
+                bad.append(n.name or n.output[0])
+    return bad

@@ -1,36 +1,56 @@
 """Frame -> model-scale tiles -> raw outputs -> frame detections: the one path for `eval` and the device.
 
-    img (H, W, 3) uint8 RGB at the camera's (or dataset's) µm/px
+    img (H, W, 3) uint8 at the camera's (or dataset's) µm/px, RGB (or BGR with channels=(2, 1, 0))
       -> rescaled by src_um_per_px / model_um_per_px (physical scale matching)
       -> overlapping tiles of the model input size at native resolution (decode.tile_grid),
-         padded bottom/right with the normalization mean (normalizes to 0, as training pads)
-      -> normalized NCHW float32 batches -> infer(batch) -> (loc (T, P, 4), logits (T, P, C+1)[, mil (T, P, C+1)])
+         padded bottom/right with the normalization mean (normalizes to ~0, as training pads)
+      -> normalized NCHW float32 batches, written straight from the frame into one reused buffer
+      -> infer(batch) -> (loc (T, P, 4), logits (T, P, C+1)[, mil (T, P, C+1)])
       -> [runtime/rescore.py: logits re-scored by the MIL output, when the model has one]
       -> decode.postprocess per tile -> decode.merge_tiles -> boxes in the input image's pixels
 
 A model trained with the MIL detector (train/mil.py) returns a third output; its re-scoring weight is the
 manifest's `output.mil.weight` (Bundle.rescore_weight()) and must be passed as `rescore_weight`, so that
 the device and `eval` re-score identically. A third output without a weight is refused, never ignored.
+
+Speed (the decoder's results are unchanged): priors that cannot pass the lowest class threshold are
+dropped before the softmax by a logit test (p_c >= t implies l_c - l_0 >= log(t / (1 - t)), since
+p_c <= sigmoid(l_c - l_0)); normalization works per channel on contiguous planes. `timings`, when given,
+accumulates milliseconds per stage: rescale, tile, preprocess, infer, decode, merge.
 """
 from __future__ import annotations
 
+import math
+import time
 from typing import Callable
 
 import cv2
 import numpy as np
 
-from cyto_edge.runtime.decode import Detections, PostProcess, TileGrid, merge_tiles, postprocess, tile_grid
+from cyto_edge.runtime.decode import Detections, PostProcess, Tile, TileGrid, merge_tiles, postprocess, tile_grid
 from cyto_edge.runtime.rescore import rescored_logits
 
 InferFn = Callable[[np.ndarray], tuple[np.ndarray, ...]]  # (loc, logits) or (loc, logits, mil)
+RGB = (0, 1, 2)   # model channel c reads image channel RGB[c]; (2, 1, 0) feeds a BGR image to an RGB model
+LOGIT_MARGIN = 1e-3  # slack of the logit pre-filter against float rounding in the softmax
 
 
-def normalize_batch(tiles: np.ndarray, mean, std, scale: float = 1 / 255.0) -> np.ndarray:
-    """(T, H, W, 3) uint8 RGB -> (T, 3, H, W) float32, x = (pixel * scale - mean) / std."""
-    m = np.asarray(mean, np.float32) / scale
-    inv = 1.0 / (np.asarray(std, np.float32) / scale)
-    x = (tiles.astype(np.float32) - m) * inv
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+def _norm_consts(mean, std, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """(3,) float32 m and inv with x = (pixel - m) * inv == (pixel * scale - mean) / std."""
+    m = np.asarray(mean, np.float32) / np.float32(scale)
+    inv = np.float32(1.0) / (np.asarray(std, np.float32) / np.float32(scale))
+    return m.astype(np.float32), inv.astype(np.float32)
+
+
+def normalize_batch(tiles: np.ndarray, mean, std, scale: float = 1 / 255.0, channels=RGB) -> np.ndarray:
+    """(T, H, W, 3) uint8 -> (T, 3, H, W) float32, x = (pixel * scale - mean) / std; model channel c is
+    image channel `channels[c]`."""
+    m, inv = _norm_consts(mean, std, scale)
+    out = np.empty((tiles.shape[0], 3, *tiles.shape[1:3]), np.float32)
+    for c in range(3):
+        np.subtract(tiles[..., channels[c]], m[c], out=out[:, c], dtype=np.float32)
+        out[:, c] *= inv[c]
+    return out
 
 
 def pad_value(mean) -> tuple[int, int, int]:
@@ -56,21 +76,100 @@ def cut_tiles(img: np.ndarray, tile: int, overlap: int, pad_rgb=(124, 116, 104))
     return out, grid
 
 
+class TileBatcher:
+    """Writes normalized tiles of a frame into one reused (batch, 3, S, S) float32 buffer.
+
+    Identical numbers to cut_tiles + normalize_batch (padding = the normalized pad_value), without the
+    intermediate uint8 copy of every tile.
+    """
+
+    def __init__(self, size: int, batch_size: int, mean, std, scale: float = 1 / 255.0, channels=RGB):
+        self.size, self.batch_size, self.channels = int(size), max(int(batch_size), 1), tuple(channels)
+        self.m, self.inv = _norm_consts(mean, std, scale)
+        pad = np.asarray([pad_value(mean)[c] for c in range(3)], np.float32)  # model channel order
+        self.pad = ((pad - self.m) * self.inv).astype(np.float32)             # (3,) normalized padding
+        self.buf = np.empty((self.batch_size, 3, self.size, self.size), np.float32)
+
+    def fill(self, img: np.ndarray, tiles: list[Tile]) -> np.ndarray:
+        """img (H, W, 3) uint8; tiles (n <= batch_size) -> (n, 3, S, S) view of the buffer."""
+        S = self.size
+        for i, t in enumerate(tiles):
+            view = img[t.y0:t.y0 + t.h, t.x0:t.x0 + t.w]
+            for c in range(3):
+                plane = self.buf[i, c]
+                if t.h < S or t.w < S:
+                    plane[...] = self.pad[c]
+                dst = plane[:t.h, :t.w]
+                np.subtract(view[..., self.channels[c]], self.m[c], out=dst, dtype=np.float32)
+                dst *= self.inv[c]
+        return self.buf[:len(tiles)]
+
+
+def candidate_mask(logits: np.ndarray, min_threshold: float) -> np.ndarray:
+    """(B, P, C+1) logits -> (B, P) bool: priors whose best foreground class could reach `min_threshold`."""
+    if not 0.0 < min_threshold < 1.0:
+        return np.ones(logits.shape[:-1], bool)
+    best = logits[..., 1].copy()
+    for c in range(2, logits.shape[-1]):
+        np.maximum(best, logits[..., c], out=best)
+    best -= logits[..., 0]
+    return best >= math.log(min_threshold / (1.0 - min_threshold)) - LOGIT_MARGIN
+
+
+def decode_tiles(outputs, priors: np.ndarray, variances, input_size: int, cfg: PostProcess,
+                 rescore_weight: float | None = None) -> list[Detections]:
+    """One batch of raw outputs -> one Detections per tile (tile pixels), as decode.postprocess gives them."""
+    loc, logits = _rescored(outputs, rescore_weight)
+    cand = candidate_mask(logits, float(cfg.thresholds(logits.shape[-1] - 1).min()))
+    out = []
+    for i in range(loc.shape[0]):
+        idx = np.flatnonzero(cand[i])
+        out.append(postprocess(loc[i, idx], logits[i, idx], priors[idx], variances, (input_size, input_size), cfg))
+    return out
+
+
+class _Clock:
+    """Adds the milliseconds since the last call to timings[stage] (a no-op without a dict)."""
+
+    def __init__(self, timings: dict | None):
+        self.timings, self.t = timings, time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        if self.timings is not None:
+            now = time.perf_counter()
+            self.timings[stage] = self.timings.get(stage, 0.0) + (now - self.t) * 1e3
+            self.t = now
+
+
 def detect_frame(infer: InferFn, img_rgb: np.ndarray, *, input_size: int, priors: np.ndarray, variances,
                  cfg: PostProcess, mean, std, scale: float = 1 / 255.0, overlap: int = 128,
                  factor: float = 1.0, batch_size: int = 8, edge_margin: float = 3.0,
-                 rescore_weight: float | None = None) -> Detections:
-    """Detections of a whole frame, in the frame's own pixels. `factor` = src µm/px / model µm/px."""
+                 rescore_weight: float | None = None, channels=RGB, timings: dict | None = None,
+                 batcher: TileBatcher | None = None) -> Detections:
+    """Detections of a whole frame, in the frame's own pixels. `factor` = src µm/px / model µm/px.
+
+    channels: the image channel feeding each model channel ((2, 1, 0): a BGR frame for an RGB model).
+    batcher: a TileBatcher to reuse (same size, mean, std, scale and channels); timings: see the docstring.
+    """
+    clock = _Clock(timings)
     img = rescale(img_rgb, factor)
-    tiles, grid = cut_tiles(img, input_size, overlap, pad_value(mean))
+    clock("rescale")
+    grid = tile_grid(img.shape[0], img.shape[1], input_size, overlap)
+    if batcher is None or batcher.size != input_size or batcher.batch_size < batch_size:
+        batcher = TileBatcher(input_size, batch_size, mean, std, scale, channels)
+    clock("tile")
     per_tile: list[Detections] = []
-    for s in range(0, len(tiles), batch_size):
-        loc, logits = _rescored(infer(normalize_batch(tiles[s:s + batch_size], mean, std, scale)), rescore_weight)
-        for i in range(loc.shape[0]):
-            per_tile.append(postprocess(loc[i], logits[i], priors, variances, (input_size, input_size), cfg))
+    for s in range(0, len(grid.tiles), batch_size):
+        batch = batcher.fill(img, grid.tiles[s:s + batch_size])
+        clock("preprocess")
+        outputs = infer(batch)
+        clock("infer")
+        per_tile += decode_tiles(outputs, priors, variances, input_size, cfg, rescore_weight)
+        clock("decode")
     det = merge_tiles(per_tile, grid, cfg.nms_iou, edge_margin, cfg.max_detections)
     if abs(factor - 1.0) >= 1e-3:
         det = det.shifted(0, 0, 1.0 / factor)
+    clock("merge")
     return det
 
 

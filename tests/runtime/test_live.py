@@ -1,0 +1,138 @@
+"""LiveRunner: FOVs graded once per stop of synth://'s stage (checked against its schedule), in a worker
+thread that never drops a recording's FOV and counts a live source's; errors reported, the loop carries on."""
+from __future__ import annotations
+
+import threading
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from cyto_edge.runtime.fov import FovConfig, FovTracker
+from cyto_edge.runtime.grading import policy_from_manifest
+from cyto_edge.runtime.live import LiveRunner
+from cyto_edge.runtime.pipeline import Pipeline
+from cyto_edge.runtime.sources import open_source
+
+SYNTH = "synth://?seed=0&width=640&height=480&stops=8&fps=12&slide_width=2048&slide_height=1536"
+
+
+def _pipe(bundle, engine):
+    return Pipeline(bundle, engine, policy=policy_from_manifest(bundle), camera_um_per_px=1.0)
+
+
+def test_each_non_empty_stop_is_graded_once_through_the_runner(tiny, blob_engine):
+    fovs, previews, states = [], [], []
+    with open_source(SYNTH + "&realtime=0") as src:
+        runner = LiveRunner(src, _pipe(tiny, blob_engine(tiny)), FovTracker(),
+                            on_fov=lambda e, r: fovs.append((e, r)), on_state=lambda s, i: states.append(s),
+                            on_preview=lambda f, r, o: previews.append(o.shape))
+        stats = runner.run()
+        schedule = src.schedule
+    assert not runner.live
+    stops = [e.frame.meta["stop_id"] for e, _ in fovs]
+    non_empty = {s["id"] for s in schedule if not s["empty"]}
+    assert 0 < len(non_empty) < len(schedule)
+    assert None not in stops and len(stops) == len(set(stops))               # zero duplicates, none while moving
+    assert set(stops) == non_empty                                           # zero missed, zero empty
+    assert all(e.frame.meta["sharp"] for e, _ in fovs)
+    assert [r.fov_id for _, r in fovs] == list(range(len(fovs)))
+    assert stats["fovs"] == {"submitted": len(fovs), "graded": len(fovs), "dropped": 0, "dropped_ids": [],
+                             "engine_errors": 0, "callback_errors": 0}
+    assert stats["frames"] == stats["previews"] == len(previews) > 0 and set(previews) == {(480, 640, 3)}
+    assert stats["latency_ms"]["p95"] > 0 and stats["still_to_stored_ms"]["p50"] > 0
+    assert {"downscale", "infer", "decode", "overlay", "track"} <= set(stats["preview_ms"])
+    assert {"infer", "count", "total"} <= set(stats["grade_ms"]) and states[-1] == "ended"
+
+
+def _folder(tmp_path, real_frame, n):
+    d = tmp_path / "fields"
+    d.mkdir()
+    for i in range(n):
+        cv2.imwrite(str(d / f"f{i:02d}.png"), np.roll(real_frame(320, 240), 17 * i, axis=1))
+    return f"folder://{d}"
+
+
+def test_a_recording_never_drops_a_fov_even_when_grading_is_slow(tiny, blob_engine, tmp_path, real_frame):
+    uri = _folder(tmp_path, real_frame, 6)
+    got = []
+
+    def slow_store(event, result):
+        time.sleep(0.15)
+        got.append(result.fov_id)
+
+    with open_source(uri) as src:
+        stats = LiveRunner(src, _pipe(tiny, blob_engine(tiny)), FovTracker(), on_fov=slow_store,
+                           grade_every_frame=True, fov_queue=1).run()
+    assert got == list(range(6)) and stats["fovs"]["dropped"] == 0 and stats["frames"] == 6
+
+
+def test_a_live_source_keeps_the_newest_fov_and_counts_the_dropped(tiny, blob_engine, tmp_path, real_frame):
+    uri = _folder(tmp_path, real_frame, 8) + "?fps=20"                          # a frame every 50 ms
+    got = []
+    with open_source(uri) as src:
+        runner = LiveRunner(src, _pipe(tiny, blob_engine(tiny)), FovTracker(), grade_every_frame=True,
+                            on_fov=lambda e, r: (time.sleep(0.3), got.append(r.fov_id)), fov_queue=1,
+                            latest_only=True)
+        stats = runner.run()
+    f = stats["fovs"]
+    assert runner.live and f["submitted"] == stats["frames"]
+    assert f["dropped"] > 0 and f["graded"] + f["dropped"] == f["submitted"]     # every FOV accounted for
+    assert set(got).isdisjoint(f["dropped_ids"]) and got == sorted(got)
+    assert got[-1] == f["submitted"] - 1                                          # the newest one was graded
+
+
+def test_engine_errors_are_reported_and_the_loop_carries_on(tiny, blob_engine, tmp_path, real_frame):
+    uri = _folder(tmp_path, real_frame, 4)
+    states = []
+    eng = blob_engine(tiny, fail_after=3)                                         # the device dies mid-run
+    with open_source(uri) as src:
+        stats = LiveRunner(src, _pipe(tiny, eng), FovTracker(), grade_every_frame=True,
+                           on_state=lambda s, i: states.append((s, i.get("where")))).run()
+    assert stats["frames"] == 4 and stats["fovs"]["engine_errors"] > 0 and "device lost" in stats["last_error"]
+    assert ("engine_error", "preview") in states or ("engine_error", "grade") in states
+    assert stats["fovs"]["graded"] + stats["fovs"]["engine_errors"] >= 4
+
+
+def test_a_failing_callback_does_not_stop_the_run(tiny, blob_engine, tmp_path, real_frame):
+    uri = _folder(tmp_path, real_frame, 3)
+
+    def boom(*a):
+        raise ValueError("disk full")
+
+    with open_source(uri) as src:
+        stats = LiveRunner(src, _pipe(tiny, blob_engine(tiny)), FovTracker(), grade_every_frame=True,
+                           on_fov=boom, on_preview=boom).run()
+    assert stats["frames"] == 3 and stats["fovs"]["graded"] == 3 and stats["fovs"]["callback_errors"] == 6
+
+
+def test_stop_event_and_max_frames_end_a_live_run(tiny, blob_engine):
+    stop = threading.Event()
+    seen = []
+
+    def on_preview(frame, result, overlay):
+        seen.append(frame.index)
+        if len(seen) == 5:
+            stop.set()
+
+    with open_source(SYNTH + "&realtime=1&loop=1") as src:
+        runner = LiveRunner(src, _pipe(tiny, blob_engine(tiny)), FovTracker(FovConfig()), on_preview=on_preview)
+        stats = runner.run(stop_event=stop)
+        assert runner.live and stats["frames"] == 5 and seen == sorted(seen)
+        stats = LiveRunner(src, _pipe(tiny, blob_engine(tiny)), FovTracker()).run(max_frames=3)
+    assert stats["frames"] == 3 and "capture" in stats
+
+
+@pytest.mark.slow
+def test_stage_still_in_real_time_through_the_latest_frame_reader(tiny, blob_engine):
+    """The same schedule check with the camera pacing itself (frames the loop misses are dropped)."""
+    fovs = []
+    with open_source(SYNTH + "&realtime=1") as src:
+        runner = LiveRunner(src, _pipe(tiny, blob_engine(tiny)), FovTracker(), on_fov=lambda e, r: fovs.append(e))
+        stats = runner.run()
+        schedule = src.schedule
+    stops = [e.frame.meta["stop_id"] for e in fovs]
+    assert runner.live and None not in stops and len(stops) == len(set(stops))
+    assert set(stops) == {s["id"] for s in schedule if not s["empty"]}
+    assert stats["fovs"]["dropped"] == 0 and stats["latency_ms"]["p95"] is not None

@@ -56,7 +56,7 @@ class FovEvent:
     stop: int                 # the tracker's stop counter, from 1
     quality: FrameQuality     # of that frame
     relative_focus: float     # its focus / the best focus of the stop
-    reason: str               # "peak" (focus settled) | "timeout" (max wait) | "departure" (stage left)
+    reason: str               # "peak" (focus settled) | "timeout" (max wait) | "departure" (stage left) | "end"
     waited_frames: int        # still frames seen before the event
 
 
@@ -182,6 +182,13 @@ class FovTracker:
         if not timeout and self.history.relative(cand.quality.focus_norm) < cfg.focus_relative:
             return None  # a pause in focusing, less sharp than recent fields: give it until max_wait
         return self._event(cand_frame, cand, "timeout" if timeout else "peak")
+
+    def flush(self) -> FovEvent | None:
+        """The stream ended while the stage was still on a stop not yet captured: that stop's best frame if
+        it is sharp enough (reason "end"), else None. Call once, after the last frame."""
+        if self.state == "still" and not self._done:
+            return self._emit_best("end")
+        return None
 
     def _emit_best(self, reason: str) -> FovEvent | None:
         """The stage leaves a still stop that has not been captured: take its best frame if good."""

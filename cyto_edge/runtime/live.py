@@ -15,7 +15,8 @@ FOVs go to one grading worker thread through a queue of `fov_queue` events: the 
 a time (`pipeline.grade`) and calls `on_fov(event, result)`. When the queue is full, a live source's
 newest FOV replaces the oldest waiting one (counted in `fovs_dropped`, ids kept in `dropped_fov_ids`);
 a recording waits instead, so no FOV of a recording is ever dropped. At the end the worker finishes the
-FOVs already queued. `grade_every_frame=True` grades every frame instead (a folder of FOV images).
+FOVs already queued. When a recording ends on a still field not yet graded, its best frame is graded
+(FovTracker.flush). `grade_every_frame=True` grades every frame instead (a folder of FOV images).
 
 `on_state(state, info)` reports the source state as it changes (connecting, live, lost, ended) and
 errors: "engine_error" (the preview or grading failed; the loop carries on), "callback_error".
@@ -112,6 +113,7 @@ class LiveRunner:
                 self._report_state()
                 if frame is None:
                     if self._ended():
+                        self._flush_tracker()
                         break
                     continue
                 self._process(frame)
@@ -167,6 +169,13 @@ class LiveRunner:
             self._submit(event)
         if self.preview_every and self.frames % self.preview_every == 0:
             self._preview(frame)
+
+    def _flush_tracker(self) -> None:
+        """The stream ended on a still, uncaptured stop: grade its best frame (FovTracker.flush)."""
+        flush = getattr(self.tracker, "flush", None)
+        event = flush() if callable(flush) and not self.grade_every_frame else None
+        if event is not None:
+            self._submit(event)
 
     def _every_frame_event(self, frame: Frame) -> FovEvent:
         from cyto_edge.runtime.quality import analyze

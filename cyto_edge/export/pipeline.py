@@ -46,6 +46,7 @@ class ExportOptions:
     opset: int = 18
     threads: int = 2
     seed: int = 0
+    qat_steps: int | None = None       # QAT steps per epoch; None: the recipe's steps_per_epoch
 
     def resolved_precision(self) -> str:
         if self.target not in TARGETS:
@@ -144,7 +145,7 @@ def _qat(ck, model, train_ds, opts: ExportOptions, steps: Steps, tmp: Path):
         raise BadInput("--qat-epochs: quantization-aware fine-tuning of a detector with a MIL head is not supported; "
                        "use post-training quantization (--qat-epochs 0)")
     sched, optim = ck["config"]["schedule"], ck["config"]["optim"]
-    spe, bs = int(sched["steps_per_epoch"]), int(optim["batch_size"])
+    spe, bs = int(opts.qat_steps or sched["steps_per_epoch"]), int(optim["batch_size"])
     lr = float(optim["lr"]) / 10
     with steps.step(f"quantization-aware fine-tuning ({opts.qat_epochs} epochs)", total=opts.qat_epochs * spe) as adv:
         tuned, ranges = qat_finetune(copy.deepcopy(model), train_ds, epochs=opts.qat_epochs, steps_per_epoch=spe,
@@ -238,8 +239,9 @@ def _gate(out: Path, m, ck, model, val_ds, opts: ExportOptions, steps: Steps) ->
 def _summary(out: Path, m, quality: dict) -> dict:
     files = {f.path: {"kind": f.kind, "precision": f.precision, "size": f.size} for f in m.files}
     failed = {p: q["reason"] for p, q in quality["files"].items() if not q["passed"]}
-    return {"bundle": str(out), "target": m.provenance["export"]["target"],
-            "precision": m.provenance["export"]["precision"], "files": files, "quality": quality, "failed": failed}
+    exp = m.provenance.get("export", {})
+    return {"bundle": str(out), "target": exp.get("target"), "precision": exp.get("precision"), "files": files,
+            "quality": quality, "failed": failed}
 
 
 def raise_failures(summary: dict) -> None:
@@ -250,3 +252,22 @@ def raise_failures(summary: dict) -> None:
         more = f" (and {len(failed) - 1} more file(s))" if len(failed) > 1 else ""
         raise CheckFailed(f"{Path(summary['bundle']) / p}: fails the export gate: {why}{more}; "
                           "the bundle is marked failed")
+
+
+def reverify(bundle_dir: str | Path, ckpt_path: str | Path, opts: ExportOptions, check: bool = True) -> dict:
+    """Run the acceptance gate again on an existing bundle (its files as they are now) against the checkpoint;
+    records the figures in its manifest like `export` does and returns the summary."""
+    from cyto_edge.train.checkpoint import load_checkpoint
+    from cyto_edge.train.mil import inference_model_from_checkpoint
+
+    b = Bundle.open(bundle_dir)
+    ck = load_checkpoint(ckpt_path)
+    model = inference_model_from_checkpoint(ck)
+    _, val_ds, _ = _datasets(ck, opts)
+    with Steps(None, False) as steps:
+        quality = _gate(b.path, b.manifest, ck, model, val_ds, opts, steps)
+    write_manifest(b.path, b.manifest)
+    summary = _summary(b.path, b.manifest, quality)
+    if check:
+        raise_failures(summary)
+    return summary

@@ -107,7 +107,8 @@ class OpenVinoEngine(EngineBase):
     @property
     def inference_precision(self) -> str:
         try:
-            return str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+            t = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+            return t.get_type_name() if hasattr(t, "get_type_name") else str(t)   # "f32", "bf16", "f16"
         except RuntimeError:  # AUTO and some plugins do not report it
             return "unknown"
 

@@ -265,7 +265,7 @@ class Pipeline:
         clock("downscale")
         fit = self.size / max(H, W)                     # model px per frame px
         w, h = min(max(round(W * fit), 1), self.size), min(max(round(H * fit), 1), self.size)
-        inp = cv2.resize(small, (w, h), interpolation=cv2.INTER_AREA if w < small.shape[1] else cv2.INTER_LINEAR)
+        inp = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)   # from the frame: one resampling
         batch = self._batcher(1).fill(inp, [Tile(0, 0, w, h)])
         clock("preprocess")
         outputs = self.infer(batch)

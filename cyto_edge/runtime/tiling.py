@@ -94,14 +94,15 @@ class TileBatcher:
         """img (H, W, 3) uint8; tiles (n <= batch_size) -> (n, 3, S, S) view of the buffer."""
         S = self.size
         for i, t in enumerate(tiles):
-            view = img[t.y0:t.y0 + t.h, t.x0:t.x0 + t.w]
+            planes = cv2.split(img[t.y0:t.y0 + t.h, t.x0:t.x0 + t.w])   # 3 contiguous (h, w) uint8 planes
             for c in range(3):
                 plane = self.buf[i, c]
                 if t.h < S or t.w < S:
                     plane[...] = self.pad[c]
                 dst = plane[:t.h, :t.w]
-                np.subtract(view[..., self.channels[c]], self.m[c], out=dst, dtype=np.float32)
-                dst *= self.inv[c]
+                dst[...] = planes[self.channels[c]]                       # uint8 -> float32, then in place:
+                dst -= self.m[c]                                          # the same float32 operations as
+                dst *= self.inv[c]                                        # normalize_batch, bit for bit
         return self.buf[:len(tiles)]
 
 

@@ -229,3 +229,16 @@ def _report(summary: dict, o: RunOptions, console) -> None:
         console.print(f"annotated video: {o.out} ({summary['video_frames']} frames)")
     if o.jsonl:
         console.print(f"FOV results: {o.jsonl}")
+
+
+def unwrap(text: str) -> str:
+    """Command help written wrapped in the source -> one line per paragraph (the help formatter re-wraps
+    them); indented example lines stay as they are, in a block the formatter leaves alone."""
+    out = []
+    for para in text.strip("\n").split("\n\n"):
+        lines = para.split("\n")
+        if any(line.startswith("    ") for line in lines):
+            out.append("\b\n" + "\n".join(lines))
+        else:
+            out.append(" ".join(line.strip() for line in lines))
+    return "\n\n".join(out)

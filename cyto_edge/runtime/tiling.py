@@ -122,9 +122,13 @@ def decode_tiles(outputs, priors: np.ndarray, variances, input_size: int, cfg: P
     """One batch of raw outputs -> one Detections per tile (tile pixels), as decode.postprocess gives them."""
     loc, logits = _rescored(outputs, rescore_weight)
     cand = candidate_mask(logits, float(cfg.thresholds(logits.shape[-1] - 1).min()))
+    C = logits.shape[-1] - 1
     out = []
     for i in range(loc.shape[0]):
         idx = np.flatnonzero(cand[i])
+        if idx.size == 0:                       # nothing can pass: what postprocess returns, without its work
+            out.append(Detections.empty(C if cfg.keep_probs else None))
+            continue
         out.append(postprocess(loc[i, idx], logits[i, idx], priors[idx], variances, (input_size, input_size), cfg))
     return out
 

@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from cyto_edge.runtime.run_cli import unwrap
+
 HELP = """Choose per-class operating thresholds on a validation set and write them into the bundle's manifest.
 
 For each class, the highest score threshold whose recall (IoU 0.5) reaches --target-recall: a screening
@@ -24,7 +26,7 @@ CALIB_SCORE = 0.01
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("calibrate", help=HELP)
+    @app.command("calibrate", help=unwrap(HELP))
     def calibrate(
         bundle: Path = typer.Argument(..., help="The bundle directory (.cytobundle) to calibrate in place."),
         data: Path = typer.Option(..., "--data", help="Dataset with a validation split (COCO, VOC, synth)."),

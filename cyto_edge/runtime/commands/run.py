@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from cyto_edge.runtime.run_cli import unwrap
+
 RUN_HELP = """Run a bundle on a camera or a recording: live boxes, FOVs graded once, JSON lines, annotated video.
 
 Every frame gets the preview path (downscaled, boxes drawn); a field of view is graded once, at full
@@ -36,7 +38,7 @@ overlay latency). Load average is recorded: on a shared machine, compare ratios,
 """
 
 def register(app: typer.Typer) -> None:
-    @app.command("run", help=RUN_HELP)
+    @app.command("run", help=unwrap(RUN_HELP))
     def run(
         bundle: Path = typer.Argument(..., help="Bundle (.cytobundle directory, .zip or .tar)."),
         source: Optional[str] = typer.Option(None, "--source", help="synth://, file://, folder://, v4l2://0, rtsp://, "
@@ -62,7 +64,7 @@ def register(app: typer.Typer) -> None:
         if code:
             raise typer.Exit(code)
 
-    @app.command("bench", help=BENCH_HELP)
+    @app.command("bench", help=unwrap(BENCH_HELP))
     def bench(
         bundle: Path = typer.Argument(..., help="Bundle (.cytobundle directory, .zip or .tar)."),
         source: str = typer.Option("synth://?realtime=0&width=2028&height=1520&stops=4", "--source",

@@ -80,6 +80,18 @@ def field_bag(model, head: MilHead, x: torch.Tensor, level: int, levels: list[in
     return torch.cat(hs, 1), torch.cat(bs)[None]
 
 
+def _mu_stats(pairs: list, kind: str) -> dict:
+    """Logged only: mean μ over labelled (present) and over absent classes of this step's bags."""
+    if not pairs:
+        return {}
+    mu = torch.cat([m for m, _ in pairs]).detach()
+    y = torch.cat([t for _, t in pairs]) > 0.5
+    out = {f"_mil_{kind}_mu_neg": mu[~y].mean()} if bool((~y).any()) else {}
+    if bool(y.any()):
+        out[f"_mil_{kind}_mu_pos"] = mu[y].mean()
+    return out
+
+
 def pad_to(img: np.ndarray, multiple: int = 32) -> np.ndarray:
     """(H, W, 3) uint8 padded bottom/right with the normalization mean to a multiple of `multiple`."""
     H, W = img.shape[:2]
@@ -149,7 +161,7 @@ class MilComponent:
             self.ema.update(self.head)
             self._ema_step = step
         zero = sum(p.sum() for p in self.head.parameters()) * 0.0   # every rank's head gets a gradient
-        acc = {"cls": zero, "ref": zero, "n": 0}
+        acc = {"cls": zero, "ref": zero, "n": 0, "mu": [], "field_mu": []}
         pseudo = self.trainer is not None and step >= c.pseudo_start * self.total_steps
         rows = batch["boxed"] & (self.mode == "ssd")
         if pseudo:
@@ -164,6 +176,8 @@ class MilComponent:
         out["mil_ref"] = c.ref_weight * acc["ref"] / n
         out.setdefault("mil_pseudo", zero)
         out["_mil_bags"] = torch.tensor(float(acc["n"]))
+        out.update(_mu_stats(acc["mu"], "crop"))
+        out.update(_mu_stats(acc["field_mu"], "field"))
         return out
 
     def _crop_proposals(self, loc, logits, gt_px, gt_valid):
@@ -197,6 +211,7 @@ class MilComponent:
                             gt=(gt_px[b], gt_lab[b], gt_ok[b]))
             k = int(b.sum())
             acc["cls"], acc["ref"], acc["n"] = acc["cls"] + L["cls"] * k, acc["ref"] + L["ref"] * k, acc["n"] + k
+            acc["mu"].append((L["mu"], y))
         w = ~b
         if not (pseudo and bool(w.any())):
             return {}
@@ -247,6 +262,7 @@ class MilComponent:
             mask = torch.ones(boxes.shape[:2], dtype=torch.bool, device=dev)
             L = oicr_losses(cls, det, ref, boxes, mask, y, c.iou_threshold)
             acc["cls"], acc["ref"], acc["n"] = acc["cls"] + L["cls"], acc["ref"] + L["ref"], acc["n"] + 1
+            acc["field_mu"].append((L["mu"], y))
 
     # ------------------------------------------------------------------ inference, checkpoints
     def inference_model(self, model) -> MilDetector:

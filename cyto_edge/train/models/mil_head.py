@@ -5,7 +5,7 @@ model that carries it into the bundle.
       -> 1x1 conv + ReLU (C_l -> `reduce` channels; a 336-channel level would make the first FC huge)
       -> RoIAlign over proposals (N, R, 4) xyxy in pixels of the image the features were computed on
       -> two FC layers + ReLU -> h (N, R, hidden)
-      -> cls stream  (N, R, C)   softmax over classes   } the basic MIL detector: x_r = σ(x^cls) ⊙ σ(x^det),
+      -> cls stream  (N, R, C+1) softmax over classes   } the basic MIL detector: x_r = σ(x^cls) ⊙ σ(x^det),
       -> det stream  (N, R, C)   softmax over regions   } μ_c = Σ_r x_rc (train/losses/mil.py, eq. 15)
       -> K refinement stages (N, R, C+1) each an FC + softmax (OICR; eq. 16)
 
@@ -37,7 +37,7 @@ class MilHead(nn.Module):
         ch = reduce or in_channels
         self.fc = nn.Sequential(nn.Linear(ch * roi_size * roi_size, hidden), nn.ReLU(inplace=True),
                                 nn.Linear(hidden, hidden), nn.ReLU(inplace=True))
-        self.cls = nn.Linear(hidden, num_classes)
+        self.cls = nn.Linear(hidden, num_classes + 1)       # column 0 background (losses/mil.py)
         self.det = nn.Linear(hidden, num_classes)
         self.refine = nn.ModuleList([nn.Linear(hidden, num_classes + 1) for _ in range(refine_stages)])
         for m in [self.cls, self.det, *self.refine]:
@@ -55,7 +55,7 @@ class MilHead(nn.Module):
         return self.fc(r.flatten(1)).view(N, R, -1)
 
     def streams(self, h: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
-        """h (N, R, hidden) -> cls logits (N, R, C), det logits (N, R, C), K refinement logits (N, R, C+1)."""
+        """h (N, R, hidden) -> cls logits (N, R, C+1), det logits (N, R, C), K refinement logits (N, R, C+1)."""
         return self.cls(h), self.det(h), [r(h) for r in self.refine]
 
     def refined_probs(self, h: Tensor) -> Tensor:

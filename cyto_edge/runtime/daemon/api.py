@@ -30,7 +30,9 @@ from cyto_edge.runtime.daemon.store import SessionConflict
 
 MAX_ID = 2**62
 router = APIRouter(prefix="/api")
-Id = Path(..., ge=1, le=MAX_ID)
+def Id():
+    """A positive database id in a path (a fresh Path per parameter: FastAPI binds it to one name)."""
+    return Path(..., ge=1, le=MAX_ID)
 
 
 def _clean(v: str) -> str:
@@ -130,7 +132,7 @@ def current_session(request: Request):
 
 
 @router.post("/sessions/{sid}/stop")
-def stop_session(request: Request, sid: int = Id):
+def stop_session(request: Request, sid: int = Id()):
     svc = svc_of(request)
     _found(svc.queries.session(sid), "session")
     try:
@@ -140,13 +142,13 @@ def stop_session(request: Request, sid: int = Id):
 
 
 @router.get("/sessions/{sid}")
-def get_session(request: Request, sid: int = Id):
+def get_session(request: Request, sid: int = Id()):
     q = svc_of(request).queries
     return {**_found(q.session(sid), "session"), "summary": q.summary(sid), "disclaimer": DISCLAIMER}
 
 
 @router.get("/sessions/{sid}/fovs")
-def session_fovs(request: Request, sid: int = Id, limit: int = Query(100, ge=1, le=1000),
+def session_fovs(request: Request, sid: int = Id(), limit: int = Query(100, ge=1, le=1000),
                  offset: int = Query(0, ge=0, le=MAX_ID), order: str = Query("asc", pattern="^(asc|desc)$")):
     q = svc_of(request).queries
     _found(q.session(sid), "session")
@@ -154,14 +156,14 @@ def session_fovs(request: Request, sid: int = Id, limit: int = Query(100, ge=1, 
 
 
 @router.get("/sessions/{sid}/gallery")
-def session_gallery(request: Request, sid: int = Id, n: int = Query(24, ge=1, le=500)):
+def session_gallery(request: Request, sid: int = Id(), n: int = Query(24, ge=1, le=500)):
     q = svc_of(request).queries
     _found(q.session(sid), "session")
     return {"cells": q.gallery(sid, n)}
 
 
 @router.get("/sessions/{sid}/export.csv")
-def export_csv(request: Request, sid: int = Id):
+def export_csv(request: Request, sid: int = Id()):
     q = svc_of(request).queries
     _found(q.session(sid), "session")
     return Response(q.export_csv(sid), media_type="text/csv; charset=utf-8",
@@ -169,7 +171,7 @@ def export_csv(request: Request, sid: int = Id):
 
 
 @router.get("/sessions/{sid}/export.json")
-def export_json(request: Request, sid: int = Id):
+def export_json(request: Request, sid: int = Id()):
     q = svc_of(request).queries
     _found(q.session(sid), "session")
     return JSONResponse(q.export_json(sid),
@@ -177,18 +179,18 @@ def export_json(request: Request, sid: int = Id):
 
 
 @router.get("/fovs/{fid}")
-def get_fov(request: Request, fid: int = Id):
+def get_fov(request: Request, fid: int = Id()):
     return _found(svc_of(request).queries.fov(fid), "FOV")
 
 
 @router.get("/fovs/{fid}/image.jpg")
-def fov_image(request: Request, fid: int = Id):
+def fov_image(request: Request, fid: int = Id()):
     svc = svc_of(request)
     return _image(svc, svc.queries.fov_image(fid), "FOV image")
 
 
 @router.get("/cells/{cid}/crop.jpg")
-def cell_crop(request: Request, cid: int = Id):
+def cell_crop(request: Request, cid: int = Id()):
     svc = svc_of(request)
     return _image(svc, svc.queries.crop(cid), "cell crop")
 

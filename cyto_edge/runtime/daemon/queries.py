@@ -70,9 +70,10 @@ class Queries:
         if r is None:
             return None
         out = {k: r[k] for k in FOV_COLS}
-        for k in ("grade_json", "detections_json", "quality_json", "timings_json", "learned_json", "extra_json",
-                  "source_json", "versions"):
-            out[k.removesuffix("_json")] = _loads(r[k])
+        for k, name in (("grade_json", "grade_detail"), ("detections_json", "detections"), ("quality_json", "quality"),
+                        ("timings_json", "timings"), ("learned_json", "learned"), ("extra_json", "extra"),
+                        ("source_json", "source"), ("versions", "versions")):
+            out[name] = _loads(r[k])
         out["cells"] = self.cells_of(fid)
         return out
 

@@ -97,6 +97,10 @@ class Service:
         event(log, "service stopped", fovs_stored=self.recorder.stored)
 
     @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
@@ -293,7 +297,7 @@ class Service:
         self._fps_times = [t for t in self._fps_times[-120:] if now - t < 2.0] + [now]
         if self._error_where == "preview":
             self.engine_state, self.engine_error, self._error_where = "ok", "", ""
-        if overlay is not None:
+        if overlay is not None and self.camera_state != "lost":   # a stale frame must not hide "camera lost"
             st = self.tracker.last
             self.preview.publish(live_view.draw_focus_bar(overlay, None if st is None else st.relative_focus))
 
@@ -333,7 +337,7 @@ class Service:
             event(log, "could not store a FOV", level=40, error=info.get("error", ""))
 
     def _set_camera(self, state: str, error: str) -> None:
-        if state != self.camera_state:
+        if state != self.camera_state and not self.stopping:
             event(log, f"camera {state}", level=30 if state in ("lost", "ended") else 20)
         self.camera_state, self.camera_error = state, error
 

@@ -75,24 +75,24 @@ def _pages(app: FastAPI) -> None:
         return _render(request, "sessions.html", sessions=request.app.state.svc.queries.sessions(100, offset))
 
     @app.get("/sessions/{sid}", response_class=HTMLResponse)
-    def session_page(request: Request, sid: int = Id):
+    def session_page(request: Request, sid: int = Id()):
         ctx = _session_ctx(request, sid)
         return _render(request, "session.html", **ctx, fovs=request.app.state.svc.queries.fovs(sid, 1000))
 
     @app.get("/sessions/{sid}/gallery", response_class=HTMLResponse)
-    def gallery_page(request: Request, sid: int = Id, n: int = Query(48, ge=1, le=500)):
+    def gallery_page(request: Request, sid: int = Id(), n: int = Query(48, ge=1, le=500)):
         ctx = _session_ctx(request, sid)
         return _render(request, "gallery.html", **ctx, cells=request.app.state.svc.queries.gallery(sid, n))
 
     @app.get("/sessions/{sid}/report", response_class=HTMLResponse)
-    def report_page(request: Request, sid: int = Id):
+    def report_page(request: Request, sid: int = Id()):
         svc = request.app.state.svc
         ctx = _session_ctx(request, sid)
         return _render(request, "report.html", **ctx, fovs=svc.queries.fovs(sid, 1000),
                        cells=svc.queries.gallery(sid, 12), versions=svc.versions, now=time.strftime("%Y-%m-%d %H:%M"))
 
     @app.get("/fovs/{fid}", response_class=HTMLResponse)
-    def fov_page(request: Request, fid: int = Id):
+    def fov_page(request: Request, fid: int = Id()):
         svc = request.app.state.svc
         f = svc.queries.fov(fid)
         if f is None:
@@ -156,7 +156,7 @@ async def _mjpeg(request: Request, svc, fps: float):
     """multipart/x-mixed-replace parts, one per new preview image, at most `fps` per second."""
     last, period = -1, 1.0 / fps
     try:
-        while not svc._stop.is_set():
+        while not svc.stopping:
             if await request.is_disconnected():
                 break
             t0 = time.monotonic()

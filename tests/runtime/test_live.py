@@ -136,3 +136,17 @@ def test_stage_still_in_real_time_through_the_latest_frame_reader(tiny, blob_eng
     assert runner.live and None not in stops and len(stops) == len(set(stops))
     assert set(stops) == {s["id"] for s in schedule if not s["empty"]}
     assert stats["fovs"]["dropped"] == 0 and stats["latency_ms"]["p95"] is not None
+
+
+def test_a_recording_that_ends_on_a_still_field_grades_that_field(tiny, blob_engine):
+    """seed=1: the last stop is less sharp than the recent fields and the stream ends before the tracker's
+    max wait; the runner flushes the tracker, so the field is graded once, not lost."""
+    events = []
+    uri = "synth://?seed=1&width=640&height=480&stops=6&fps=12&slide_width=2048&slide_height=1536&realtime=0"
+    with open_source(uri) as src:
+        LiveRunner(src, _pipe(tiny, blob_engine(tiny)), FovTracker(), on_fov=lambda e, r: events.append(e)).run()
+        last = max(s["id"] for s in src.schedule if not s["empty"])
+    assert events[-1].frame.meta["stop_id"] == last and events[-1].reason == "end"
+    assert [e.reason for e in events[:-1]].count("end") == 0
+    tr = FovTracker()
+    assert tr.flush() is None                                        # nothing seen: nothing to flush

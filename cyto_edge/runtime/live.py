@@ -12,7 +12,8 @@ every `preview_every` frames the preview path and the overlay, handed to `on_pre
 overlay_bgr)`. The capture-to-overlay latency is measured from the frame's capture timestamp.
 
 FOVs go to one grading worker thread through a queue of `fov_queue` events: the worker grades one FOV at
-a time (`pipeline.grade`) and calls `on_fov(event, result)`. When the queue is full, a live source's
+a time (`pipeline.grade`) and calls `on_fov(event, result)`; on Linux it runs `grade_nice` steps nicer
+than the loop, so that grading does not starve the preview. When the queue is full, a live source's
 newest FOV replaces the oldest waiting one (counted in `fovs_dropped`, ids kept in `dropped_fov_ids`);
 a recording waits instead, so no FOV of a recording is ever dropped. At the end the worker finishes the
 FOVs already queued. When a recording ends on a still field not yet graded, its best frame is graded
@@ -24,6 +25,7 @@ errors: "engine_error" (the preview or grading failed; the loop carries on), "ca
 from __future__ import annotations
 
 import collections
+import os
 import threading
 import time
 from typing import Callable
@@ -40,6 +42,17 @@ WINDOW = 2000          # samples kept per statistic (bounded memory on long runs
 
 def _pct(values, q: float) -> float | None:
     return round(float(np.percentile(np.asarray(values), q)), 3) if len(values) else None
+
+
+def _lower_priority(nice: int) -> None:
+    """Make the calling thread yield the CPU to the preview (Linux: per-thread niceness); no-op elsewhere."""
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError:
+        pass
 
 
 def is_live(source) -> bool:
@@ -77,13 +90,13 @@ class LiveRunner:
     def __init__(self, source, pipeline, tracker: FovTracker, *, on_preview: Callable | None = None,
                  on_fov: Callable | None = None, on_state: Callable | None = None, preview_every: int = 1,
                  latest_only: bool | None = None, fov_queue: int = 2, grade_every_frame: bool = False,
-                 overlay: bool = True, read_timeout: float = 0.5):
+                 overlay: bool = True, read_timeout: float = 0.5, grade_nice: int = 5):
         self.source, self.pipeline, self.tracker = source, pipeline, tracker
         self.on_preview, self.on_fov, self.on_state = on_preview, on_fov, on_state
         self.preview_every = max(int(preview_every), 1) if preview_every else 0
         self.live = is_live(source) if latest_only is None else bool(latest_only)
         self.fov_queue, self.grade_every_frame, self.overlay = max(int(fov_queue), 1), grade_every_frame, overlay
-        self.read_timeout = read_timeout
+        self.read_timeout, self.grade_nice = read_timeout, int(grade_nice)
         self.reader: LatestFrameReader | None = None
         self._q: collections.deque = collections.deque()
         self._cond = threading.Condition()
@@ -235,6 +248,7 @@ class LiveRunner:
             self._cond.notify_all()
 
     def _grading_worker(self) -> None:
+        _lower_priority(self.grade_nice)
         while True:
             with self._cond:
                 while not self._q and not self._closing:

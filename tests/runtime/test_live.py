@@ -150,3 +150,18 @@ def test_a_recording_that_ends_on_a_still_field_grades_that_field(tiny, blob_eng
     assert [e.reason for e in events[:-1]].count("end") == 0
     tr = FovTracker()
     assert tr.flush() is None                                        # nothing seen: nothing to flush
+
+
+def test_the_grading_worker_yields_the_cpu_to_the_preview(tiny, blob_engine, tmp_path, real_frame):
+    import os
+
+    if not hasattr(os, "setpriority"):
+        pytest.skip("per-thread priority is a Linux feature")
+    uri = _folder(tmp_path, real_frame, 2)
+    seen = []
+    main_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    with open_source(uri) as src:
+        LiveRunner(src, _pipe(tiny, blob_engine(tiny)), FovTracker(), grade_every_frame=True, grade_nice=4,
+                   on_fov=lambda e, r: seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))).run()
+    assert seen == [min(19, main_nice + 4)] * 2
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_nice     # the loop's is unchanged

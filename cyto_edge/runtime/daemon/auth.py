@@ -35,8 +35,6 @@ def load_token(server, source: str = "profile") -> str | None:
             token = p.read_text().strip()
         except OSError as e:
             raise BadInput(f"{source}: server.token_file {p}: cannot read it ({e.strerror})") from None
-        if p.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            event(log, "token file is readable by other users: chmod 600 it", level=30, file=str(p))
         where = f"server.token_file {p}"
     elif server.token_env is not None:
         token = os.environ.get(server.token_env, "").strip()
@@ -49,6 +47,8 @@ def load_token(server, source: str = "profile") -> str | None:
     if len(token) < MIN_TOKEN_LEN:
         raise BadInput(f"{source}: {where}: the token must have at least {MIN_TOKEN_LEN} characters "
                        "(e.g. `openssl rand -hex 24`)")
+    if server.token_file is not None and Path(server.token_file).stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        event(log, "token file is readable by other users: chmod 600 it", level=30, file=str(server.token_file))
     return token
 
 

@@ -5,7 +5,9 @@
     notify("WATCHDOG=1")               # every watchdog_interval() s while the service is healthy
     notify("STOPPING=1")               # at the start of a graceful stop
 
-Outside systemd (no $NOTIFY_SOCKET) every call is a no-op returning False. An address starting with "@"
+Outside systemd (no $NOTIFY_SOCKET) every call is a no-op returning False. Sends never block: a
+notification that does not fit in the receiver's queue is dropped (False), so a stuck receiver cannot
+stop the main loop from handling SIGTERM. An address starting with "@"
 is in the abstract namespace (a leading NUL byte).
 """
 from __future__ import annotations
@@ -24,9 +26,9 @@ def notify(message: str) -> bool:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
             s.connect(addr)
-            s.sendall(message.encode())
+            s.send(message.encode(), socket.MSG_DONTWAIT)   # never block the main loop on a full queue
         return True
-    except OSError:
+    except OSError:                                         # BlockingIOError included: this one is dropped
         return False
 
 

@@ -58,7 +58,7 @@ def export_int8(fp32_onnx: str | Path, out: str | Path, tiles: np.ndarray, metho
     if method == "percentile":
         extra["CalibPercentile"] = 99.999
     if overrides:
-        extra["TensorQuantOverrides"] = {name: [{"rmin": float(lo), "rmax": float(hi)}]
+        extra["TensorQuantOverrides"] = {name: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
                                          for name, (lo, hi) in overrides.items()}
     with tempfile.TemporaryDirectory(prefix="cyto-int8-") as tmp:
         pre = Path(tmp) / "pre.onnx"

@@ -26,7 +26,7 @@ def data_with_val(synth_small, tiny_bundle, tmp_path):
     (d / "val").mkdir(parents=True)
     b = Bundle.open(tiny_bundle)
     pipe = build_pipeline(b, threads=1, camera_um_per_px=1.0, stages=False, count=False)
-    files = sorted((synth_small / "train").glob("*.jpg"))[:5]
+    files = sorted((synth_small / "train").glob("*.jpg"))[:3]
     dets = detect_all(pipe, files, 1.0, PostProcess(score_threshold=0.01, max_detections=500))
     images, anns = [], []
     for i, (f, det) in enumerate(zip(files, dets)):

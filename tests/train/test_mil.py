@@ -141,3 +141,71 @@ def test_mil_detector_third_output_rescores_only_the_top_k_priors():
     for i in range(2):
         assert set(torch.nonzero(changed[i]).flatten().tolist()) <= set(top[i].tolist())
     torch.testing.assert_close(mil.sum(-1), torch.ones(2, mil.shape[1]))
+
+
+@pytest.fixture(scope="module")
+def weak_synth(tmp_path_factory):
+    """12 synthetic 256² fields: half of the train images weak (image labels only), 30% of boxes dropped."""
+    from cyto_edge.synth.options import SynthOptions
+    from cyto_edge.synth.writer import generate
+
+    out = tmp_path_factory.mktemp("weak_synth") / "synth"
+    generate(out, SynthOptions(images=12, size=256, seed=4, slide=False, drop=0.3, jitter=0.1, weak_fraction=0.5,
+                               test_fraction=0.2))
+    return out
+
+
+def _fast(root, tmp, name, steps=4):
+    return [f"data.root={root}", f"out_dir={tmp}", f"name={name}", "workers=0", "tensorboard=false", "threads=1",
+            "schedule.epochs=2", f"schedule.steps_per_epoch={steps // 2}", "optim.batch_size=4",
+            "data.val_fraction=0.2", "model.input_size=128", "mil.proposals=16", "mil.roi_size=3", "mil.hidden=32",
+            "mil.reduce=8", "mil.bag_proposals=64", "mil.pseudo_start=0.5", "mil.pseudo_threshold=0.0", "mil.weak_bags=2",
+            "eval.tile_overlap=32"]
+
+
+def test_training_component_end_to_end(weak_synth, tmp_path):
+    """MultiBox + L_cls + L_ref (+ pseudo-boxes on weak crops from half-way), the head and its EMA saved with
+    the checkpoint, validation re-scored through the MIL output, resume, and the model rebuilt from the file."""
+    from cyto_edge.train.checkpoint import load_checkpoint
+    from cyto_edge.train.components import build_components
+    from cyto_edge.train.config import load_config
+    from cyto_edge.train.loop import Trainer
+    from cyto_edge.train.mil import MilComponent, inference_model_from_checkpoint, mil_state
+
+    cfg = load_config("student_mil", _fast(weak_synth, tmp_path, "m") + ["model.name=tiny", "model.kwargs={}"])
+    comps = build_components(cfg)
+    assert [type(c) for c in comps] == [MilComponent]
+    res = Trainer(cfg, components=comps).run()
+    rows = (tmp_path / "m" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    for col in ("train_mil_cls", "train_mil_ref", "train_mil_pseudo", "train_multibox", "val_map50",
+                "train__mil_field_mu_neg"):
+        assert col in header, col
+    last = dict(zip(header, rows[-1].split(",")))
+    assert float(last["train_mil_cls"]) > 0 and float(last["train_mil_ref"]) > 0
+    assert float(last["train__mil_pseudo_boxes"]) > 0              # threshold 0: every weak crop gets pseudo-boxes
+    ck = load_checkpoint(res["last"])
+    sd = mil_state(ck)
+    assert sd is not None and sd["ema"] is not None and sd["meta"]["mode"] == "ssd"
+    model = inference_model_from_checkpoint(ck)
+    assert model.rescore_weight == 0.5 and model.topk == 16
+    with torch.no_grad():
+        outs = model(torch.zeros(1, 3, 128, 128))
+    assert len(outs) == 3 and outs[2].shape == outs[1].shape
+    # resume: the head comes back and training continues to the new end
+    cfg2 = load_config("student_mil", _fast(weak_synth, tmp_path, "m", steps=6) + ["model.name=tiny", "model.kwargs={}"])
+    res2 = Trainer(cfg2, resume=True, components=build_components(cfg2)).run()
+    assert res2["steps"] == 6
+    assert mil_state(load_checkpoint(res2["last"]))["ema_updates"] > sd["ema_updates"]
+
+
+def test_mil_config_errors_name_the_field(weak_synth, tmp_path):
+    from cyto_edge.errors import BadInput
+    from cyto_edge.train.components import build_components
+    from cyto_edge.train.config import load_config
+    from cyto_edge.train.loop import Trainer
+
+    for bad, msg in (("mil.level=9", "mil.level"), ("mil.refine_stages=0", "mil.refine_stages")):
+        cfg = load_config("student_mil", _fast(weak_synth, tmp_path, "bad") + ["model.name=tiny", "model.kwargs={}", bad])
+        with pytest.raises(BadInput, match=msg):
+            Trainer(cfg, components=build_components(cfg)).setup()

@@ -3,6 +3,8 @@ the batch mode and the HTTP service (a real server on a free loopback port)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 
 import cv2
@@ -158,7 +160,7 @@ def server(ckpt):
     srv.server_close()
 
 
-def test_http_service_round_trip(server, tmp_path, capsys):
+def test_http_service_round_trip(server, tmp_path):
     ok, buf = cv2.imencode(".jpg", _image(36, 52))
     png, info = request_explanation(server, buf.tobytes(), steps=8, baseline="blur", token="s3cret")
     ov = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
@@ -170,13 +172,18 @@ def test_http_service_round_trip(server, tmp_path, capsys):
         request_explanation(server, b"garbage", steps=2, token="s3cret")
     with pytest.raises(BadInput, match="steps must be"):
         request_explanation(server, buf.tobytes(), steps=10_000, token="s3cret")
-    # the torch-free client path of the command: a folder of crops, results stored beside them
+    # the device's path: a process where torch cannot be imported sends a folder of crops; results beside them
     d = tmp_path / "crops"
     d.mkdir()
     cv2.imwrite(str(d / "a.png"), _image(30, 30))
-    assert main(["explain", "--remote", server, "--batch", str(d), "--token", "s3cret", "--steps", "4", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["explained"] == 1
+    code = ("import sys; sys.modules['torch'] = None; from cyto_edge.cli import main; "
+            f"sys.exit(main(['explain', '--remote', {server!r}, '--batch', {str(d)!r}, '--token', 's3cret', "
+            "'--steps', '4', '--json']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["explained"] == 1
     assert cv2.imread(str(d / "a.png.explain.png")).shape == (30, 30, 3)
+    assert json.loads((d / "a.png.explain.json").read_text())["completeness"]["steps"] == 4
 
 
 def test_service_refuses_open_bind_without_token(ckpt):

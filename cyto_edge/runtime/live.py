@@ -109,7 +109,7 @@ class LiveRunner:
         self.frames = self.previews = 0
         self.fovs_submitted = self.fovs_graded = self.fovs_dropped = 0
         self.engine_errors = self.callback_errors = 0
-        self.dropped_fov_ids: list = []
+        self.dropped_fov_ids: collections.deque = collections.deque(maxlen=WINDOW)   # the latest ones
         self.last_grade = None
         self.last_error = ""
 

@@ -226,8 +226,9 @@ class Pipeline:
             res.classified = self._classify(img, det)
             clock("classify")
         if self.grader is not None:
-            lg = self.grader.grade(img, det, nuclei if nuclei is not None else self._nuclei(img, True)[0],
-                                   self.um_per_px)
+            if nuclei is None and self.grader.source == "nuclei":
+                nuclei = self._nuclei(img, force=True)[0]
+            lg = self.grader.grade(img, det, nuclei, self.um_per_px)
             res.learned_grade, res.cell_attention, res.cell_boxes = lg.to_dict(), lg.cell_scores, lg.cell_boxes
             clock("grader")
         timings["total"] = (time.perf_counter() - t0) * 1e3

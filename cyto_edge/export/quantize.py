@@ -46,15 +46,21 @@ def _method(name: str):
 
 
 def export_int8(fp32_onnx: str | Path, out: str | Path, tiles: np.ndarray, method: str = "minmax",
-                overrides: dict[str, tuple[float, float]] | None = None, batch: int = 8) -> Path:
-    """Quantize `fp32_onnx` with calibration `tiles` (N, 3, H, W) float32 into the QDQ file `out`."""
+                overrides: dict[str, tuple[float, float]] | None = None, batch: int = 8,
+                activations: str = "int8") -> Path:
+    """Quantize `fp32_onnx` with calibration `tiles` (N, 3, H, W) float32 into the QDQ file `out`.
+
+    activations "int8" (symmetric, the bundle's one file) or "uint8" (asymmetric: ONNX Runtime on x86 can then
+    drop the ReLU/Clip between Q/DQ pairs, but TensorRT refuses it; benchmarks compare the two)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     out = Path(out)
     calib = _method(method)
+    if activations not in ("int8", "uint8"):
+        raise ValueError(f"activations {activations!r} must be int8 or uint8")
     # biases stay float (TensorRT's DequantizeLinear takes int8, not int32; ORT and OpenVINO fuse them as fast)
-    extra: dict = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}
+    extra: dict = {"ActivationSymmetric": activations == "int8", "WeightSymmetric": True, "QuantizeBias": False}
     if method == "percentile":
         extra["CalibPercentile"] = 99.999
     if overrides:
@@ -66,7 +72,8 @@ def export_int8(fp32_onnx: str | Path, out: str | Path, tiles: np.ndarray, metho
         with contextlib.redirect_stdout(io.StringIO()):
             quant_pre_process(str(fp32_onnx), str(pre), skip_symbolic_shape=True)
             quantize_static(str(pre), str(out), TileReader(tiles, INPUT_NAME, batch), quant_format=QuantFormat.QDQ,
-                            per_channel=True, reduce_range=False, activation_type=QuantType.QInt8,
+                            per_channel=True, reduce_range=False,
+                            activation_type=QuantType.QInt8 if activations == "int8" else QuantType.QUInt8,
                             weight_type=QuantType.QInt8, calibrate_method=calib, extra_options=extra,
                             calibration_providers=["CPUExecutionProvider"])
     return out

@@ -12,10 +12,12 @@ def export_once(cache_dir: Path, ckpt: Path, name: str, **opts) -> Path:
     from cyto_edge.export.pipeline import ExportOptions, export_bundle
 
     out = cache_dir / name
-    if not (out / "manifest.json").exists():
+    if not out.exists():                      # exported beside, then renamed: never a half-written bundle
+        part = cache_dir / f"partial-{name}"
         kw = dict(calib_images=16, val_images=3, threads=2)
         kw.update(opts)
-        export_bundle(ckpt, ExportOptions(out=out, **kw), show_progress=False)
+        export_bundle(ckpt, ExportOptions(out=part, **kw), show_progress=False)
+        part.rename(out)
     return out
 
 

@@ -19,6 +19,7 @@ SESSION_COLS = ("id", "slide_id", "operator", "notes", "state", "started_utc", "
                 "bundle_sha")
 FOV_COLS = ("id", "session_id", "seq", "captured_utc", "t_session_s", "grade", "learned_grade", "suspicion", "focus",
             "relative_focus", "squamous_count", "n_detections", "width", "height", "image_state", "bundle_sha")
+SUMMARY_CACHE = 4        # sessions whose parsed grades are kept
 CSV_COLS = ("slide_id", "session", "seq", "fov_id", "captured_utc", "t_session_s", "grade", "learned_grade", "suspicion",
             "focus", "relative_focus", "squamous_count", "n_detections", *(f"n_{c}" for c in BETHESDA_ORDER[1:]),
             "organisms", "image_state", "bundle_sha", "cyto_edge")
@@ -35,8 +36,13 @@ def grade_from_dict(d: dict) -> FovGrade:
 class Queries:
     def __init__(self, store: Store, policy: GradingPolicy | None = None):
         self.store, self.policy = store, policy or GradingPolicy()
-        self._cache: dict[int, tuple[tuple, dict]] = {}
+        self._cache: dict[int, tuple[int, dict, dict | None]] = {}   # sid -> (last FOV id, grades, summary)
         self._lock = threading.Lock()
+
+    def set_policy(self, policy: GradingPolicy) -> None:
+        with self._lock:
+            self.policy = policy
+            self._cache.clear()
 
     # -- sessions ---------------------------------------------------------------------------------------
     def sessions(self, limit: int = 50, offset: int = 0) -> list[dict]:
@@ -92,20 +98,22 @@ class Queries:
 
     # -- slide --------------------------------------------------------------------------------------------
     def summary(self, sid: int) -> dict | None:
-        key_row = self.store.one("SELECT COUNT(*), COALESCE(MAX(id), 0) FROM fovs WHERE session_id = ?", (sid,))
-        key = (key_row[0], key_row[1])
-        with self._lock:
-            hit = self._cache.get(sid)
-            if hit and hit[0] == key:
-                return hit[1]
+        """`summarize_slide` over the session's FOV grades; grades are parsed once and kept for the few most
+        recent sessions, so a long session costs only its new FOVs per request."""
         if self.store.one("SELECT 1 FROM sessions WHERE id = ?", (sid,)) is None:
             return None
-        rows = self.store.query("SELECT id, grade_json FROM fovs WHERE session_id = ? ORDER BY seq", (sid,))
-        summ = summarize_slide({r["id"]: grade_from_dict(json.loads(r["grade_json"])) for r in rows},
-                               self.policy).to_dict()
-        summ.pop("fov_ids", None)
         with self._lock:
-            self._cache[sid] = (key, summ)
+            last_id, grades, summ = self._cache.pop(sid, (0, {}, None))
+            rows = self.store.query("SELECT id, grade_json FROM fovs WHERE session_id = ? AND id > ? ORDER BY id",
+                                    (sid, last_id))
+            if rows or summ is None:
+                grades.update((r["id"], grade_from_dict(json.loads(r["grade_json"]))) for r in rows)
+                last_id = rows[-1]["id"] if rows else last_id
+                summ = summarize_slide(grades, self.policy).to_dict()
+                summ.pop("fov_ids", None)
+            self._cache[sid] = (last_id, grades, summ)      # re-inserted: the most recently used last
+            while len(self._cache) > SUMMARY_CACHE:
+                self._cache.pop(next(iter(self._cache)))
         return summ
 
     def gallery(self, sid: int, n: int = 24) -> list[dict]:

@@ -60,6 +60,7 @@ class Service:
         self.last_fov: dict | None = None
         self.last_preview_mono = 0.0
         self._fps_times: list[float] = []
+        self._stats_cache: tuple = (None, 0.0, {})
         self._stop, self._cycle = threading.Event(), threading.Event()
         self._pending: tuple | None = None
         self._swap_lock = threading.Lock()
@@ -194,6 +195,7 @@ class Service:
 
     def _install(self, pipe, path: Path) -> None:
         self.pipeline, self.bundle_path = pipe, Path(path)
+        self.queries.set_policy(pipe.policy)                 # adequacy and gallery size as the profile says
         self.engine_state, self.engine_error, self._error_where = "ok", "", ""
         eng = pipe.engine
         self.versions = software_versions(getattr(eng, "name", ""), getattr(eng, "precision", ""))
@@ -273,11 +275,10 @@ class Service:
             frame = source.read()
             if frame is None:
                 return True
-            self._set_camera("live", "")
-            img = live_view.status_frame("engine error", self.engine_error) if frame.image is None else \
-                draw_overlay(_fit(frame.image, self.profile.pipeline.preview_max_side), None, None,
-                             state="ENGINE ERROR: " + self.engine_error[:60])
+            img = draw_overlay(_fit(frame.image, self.profile.pipeline.preview_max_side), None, None,
+                               state="ENGINE ERROR: " + self.engine_error[:60])
             self.preview.publish(img)
+            self._set_camera("live", "")
             self.last_preview_mono = time.monotonic()
             self._cycle.wait(0.1)
         return False
@@ -353,8 +354,16 @@ class Service:
         return round((len(t) - 1) / (t[-1] - t[0]), 2) if len(t) > 2 and t[-1] > t[0] else 0.0
 
     def runner_stats(self) -> dict:
-        r = self.runner
-        return r.stats() if r is not None else {}
+        """LiveRunner.stats(), computed at most twice a second whatever the number of pollers."""
+        r, now = self.runner, time.monotonic()
+        if r is None:
+            return {}
+        cached = self._stats_cache
+        if cached[0] is r and now - cached[1] < 0.5:
+            return cached[2]
+        s = r.stats()
+        self._stats_cache = (r, now, s)
+        return s
 
 
 class BundleRefused(Exception):

@@ -166,6 +166,7 @@ class Store:
         if c is None:
             c = connect(self.db_path)
             c.execute("PRAGMA query_only = ON")
+            c.execute("PRAGMA cache_size = -1024")          # 1 MB per reading thread (the web threadpool)
             self._local.conn = c
             with self._rlock:
                 self._readers.append(c)

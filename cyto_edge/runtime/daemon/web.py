@@ -186,5 +186,6 @@ def _errors(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception):
-        event(log, "internal error", level=40, path=request.url.path, error=type(exc).__name__)
+        event(log, "internal error", level=40, path=request.url.path, error=f"{type(exc).__name__}: {exc}",
+              exc_info=exc)
         return JSONResponse({"detail": "internal error"}, status_code=500)

@@ -24,7 +24,7 @@ from cyto_edge.runtime.daemon.logs import event, get_logger
 log = get_logger("auth")
 COOKIE = "cyto_edge_auth"
 MIN_TOKEN_LEN = 16
-PUBLIC = {"/healthz", "/login", "/static/style.css"}
+PUBLIC = {"/healthz", "/login"}          # the login form carries its own style
 
 
 def load_token(server, source: str = "profile") -> str | None:

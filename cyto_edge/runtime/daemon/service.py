@@ -279,7 +279,7 @@ class Service:
                                state="ENGINE ERROR: " + self.engine_error[:60])
             self.preview.publish(img)
             self._set_camera("live", "")
-            self.last_preview_mono = time.monotonic()
+            self._tick_fps()
             self._cycle.wait(0.1)
         return False
 
@@ -293,9 +293,7 @@ class Service:
 
     # -- LiveRunner callbacks ------------------------------------------------------------------------------------
     def _on_preview(self, frame, res, overlay) -> None:
-        now = time.monotonic()
-        self.last_preview_mono = now
-        self._fps_times = [t for t in self._fps_times[-120:] if now - t < 2.0] + [now]
+        self._tick_fps()
         if self._error_where == "preview":
             self.engine_state, self.engine_error, self._error_where = "ok", "", ""
         if overlay is not None and self.camera_state != "lost":   # a stale frame must not hide "camera lost"
@@ -347,6 +345,11 @@ class Service:
             self.store.add_event("camera_lost", error)
         self._set_camera("lost", error)
         self.preview.publish(live_view.status_frame("camera lost - reconnecting", error))
+
+    def _tick_fps(self) -> None:
+        now = time.monotonic()
+        self.last_preview_mono = now
+        self._fps_times = [t for t in self._fps_times[-120:] if now - t < 2.0] + [now]
 
     # -- figures ------------------------------------------------------------------------------------------------
     def fps(self) -> float:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cyto_edge.errors import BadInput
+from tests.conftest import require_module
 from tests.runtime.daemon.daemon_util import MJPEGCamera, wait_for, write_profile
 
 TOKEN = "0123456789abcdef-test-token"
@@ -33,6 +34,32 @@ def test_bad_bundle_at_start_is_degraded_until_a_good_one_is_swapped_in(tmp_path
         assert r.status_code == 200 and r.json()["state"] == "ok"
         wait_for(lambda: c.get("/api/status").json()["live"]["fovs_graded"] >= 1, 120, 0.3, "a graded FOV")
         assert [e["kind"] for e in c.get("/api/events").json()["events"]][:2] == ["bundle_swapped", "engine_error"]
+
+
+def test_engine_failing_while_grading_is_degraded_and_shown(tmp_path, gallery_bundle, make_daemon):
+    """A model that only takes batches of one: the preview (one input) works, grading (4 tiles a batch) gets a
+    real ONNX Runtime error; the daemon stays up, says "degraded" with the error, and keeps the live view."""
+    from cyto_edge.runtime.bundle import Bundle, write_manifest
+
+    onnx = require_module("onnx", "export")
+    b = tmp_path / "batch1.cytobundle"
+    shutil.copytree(gallery_bundle, b)
+    m = onnx.load(b / "model.onnx")
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(m, b / "model.onnx")
+    write_manifest(b, Bundle.open(b, verify=False).manifest)
+    d = make_daemon(write_profile(tmp_path, b))
+    with httpx.Client(base_url=d.url, timeout=30) as c:
+        st = wait_for(lambda: (s := c.get("/api/status").json())["engine"]["state"] == "degraded" and s, 120, 0.2,
+                      "the engine to be degraded")
+        assert "invalid dimensions" in st["engine"]["error"].lower() and st["live"]["fovs_graded"] == 0
+        assert c.get("/healthz").json() == {"ok": True, "camera": "live", "engine": "degraded"}
+        assert 'id="engine-alert"' in c.get("/").text
+        metrics = c.get("/metrics").text
+        assert 'cyto_edge_engine_state{state="degraded"} 1' in metrics
+        assert float(metrics.split("\ncyto_edge_engine_errors_total ")[1].split()[0]) >= 1
+        assert c.get("/api/status").json()["live"]["fps"] > 0            # previews go on
+        assert "engine_error" in [e["kind"] for e in c.get("/api/events").json()["events"]]
 
 
 def test_camera_that_drops_and_returns(tmp_path, gallery_bundle, make_daemon):

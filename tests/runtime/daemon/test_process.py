@@ -133,6 +133,8 @@ def test_sigterm_finishes_the_fov_in_flight_notifies_systemd_and_keeps_logs_priv
                             timeout=120)
     assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr
     assert f"in use by another `cyto-edge serve` (pid {p.proc.pid})" in second.stderr
+    p.proc.send_signal(signal.SIGHUP)                                   # re-verify and swap the bundle
+    wait_for(lambda: any(e.get("msg") == "bundle swapped" for e in p.lines()), 120, 0.1, "the SIGHUP swap")
     tmp = wait_for(lambda: _tmp_file(root / "images"), 120, 0.01, "an image being written")
     seq_in_flight = int(tmp.name.split("-")[0].lstrip(".f"))
     assert p.kill(signal.SIGTERM) == 0

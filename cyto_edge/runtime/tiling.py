@@ -1,7 +1,7 @@
 """Frame -> model-scale tiles -> raw outputs -> frame detections: the one path for `eval` and the device.
 
     img (H, W, 3) uint8 at the camera's (or dataset's) µm/px, RGB (or BGR with channels=(2, 1, 0))
-      -> rescaled by src_um_per_px / model_um_per_px (physical scale matching)
+      -> rescaled by src_um_per_px / model_um_per_px (physical scale matching; `rescale`)
       -> overlapping tiles of the model input size at native resolution (decode.tile_grid),
          padded bottom/right with the normalization mean (normalizes to ~0, as training pads)
       -> normalized NCHW float32 batches, written straight from the frame into one reused buffer
@@ -58,10 +58,21 @@ def pad_value(mean) -> tuple[int, int, int]:
 
 
 def rescale(img: np.ndarray, factor: float) -> np.ndarray:
+    """(H, W, 3) -> (round(H f), round(W f), 3). Shrinking: k x k area means for the integer part k of 1/f
+    (OpenCV's fast integer INTER_AREA), then bilinear for the rest (a factor in (0.5, 1]); OpenCV's general
+    INTER_AREA gives nearly the same pixels (within one output pixel of alignment) 5-10x slower. Enlarging:
+    bilinear."""
     if abs(factor - 1.0) < 1e-3:
         return img
-    interp = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
-    return cv2.resize(img, None, fx=factor, fy=factor, interpolation=interp)
+    H, W = img.shape[:2]
+    size = (max(int(round(W * factor)), 1), max(int(round(H * factor)), 1))
+    k = int(1.0 / factor + 1e-9) if factor < 1 else 1
+    if k >= 2:
+        Hk, Wk = H // k * k, W // k * k
+        img = cv2.resize(img[:Hk, :Wk], (Wk // k, Hk // k), interpolation=cv2.INTER_AREA)
+    if (img.shape[1], img.shape[0]) == size:
+        return img
+    return cv2.resize(img, size, interpolation=cv2.INTER_LINEAR)
 
 
 def cut_tiles(img: np.ndarray, tile: int, overlap: int, pad_rgb=(124, 116, 104)) -> tuple[np.ndarray, TileGrid]:

@@ -88,14 +88,16 @@ def test_a_cell_cut_by_tile_borders_is_found_exactly_once(tiny, blob_engine, dra
     assert np.abs(det.boxes[np.argmax(iou(np.array([cells[2]], np.float32), det.boxes)[0])] - cells[2]).max() <= 1.0
 
 
-def test_frames_are_rescaled_to_the_models_scale_and_boxes_come_back_in_frame_px(tiny, blob_engine, draw, real_frame):
+@pytest.mark.parametrize("cam", [0.5, 0.31])
+def test_frames_are_rescaled_to_the_models_scale_and_boxes_come_back_in_frame_px(tiny, blob_engine, draw, real_frame,
+                                                                                  cam):
     frame = real_frame(1400, 1000)
     cells = [(200, 200, 300, 300), (640, 560, 760, 680), (1200, 100, 1300, 190)]
     for b in cells:
         draw(frame, b, 3)
-    with pytest.warns(ScaleWarning, match="rescaled by 0.5"):
-        pipe = _pipe(tiny, blob_engine, cam=0.5)          # 0.5 µm/px camera, 1.0 µm/px model
-    assert pipe.factor == pytest.approx(0.5) and pipe.warnings
+    with pytest.warns(ScaleWarning, match=f"rescaled by {cam:g}"):
+        pipe = _pipe(tiny, blob_engine, cam=cam)          # a finer camera than the 1.0 µm/px model
+    assert pipe.factor == pytest.approx(cam) and pipe.warnings
     timings = {}
     det = pipe.detect(frame, timings=timings)
     _match(det, cells, [3, 3, 3])
@@ -165,3 +167,15 @@ def test_bgr_frames_reach_an_rgb_model_as_rgb(tiny, blob_engine, draw, real_fram
     draw(frame, (100, 100, 160, 160), 3)
     det = _pipe(tiny, blob_engine).detect(cv2.cvtColor(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), cv2.COLOR_RGB2BGR))
     assert det.labels.tolist() == [3]
+
+
+@pytest.mark.parametrize("factor", [0.31, 0.5, 0.7, 1.6])
+def test_rescale_is_area_averaging_within_a_pixel(real_frame, factor):
+    from cyto_edge.runtime.tiling import rescale
+
+    img = real_frame(2028, 1520)
+    out = rescale(img, factor)
+    assert out.shape == (round(1520 * factor), round(2028 * factor), 3)
+    ref = cv2.resize(img, (out.shape[1], out.shape[0]), interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
+    assert np.abs(out.astype(int) - ref).mean() < 4.0
+    assert rescale(img, 1.0) is img

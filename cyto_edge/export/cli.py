@@ -10,20 +10,29 @@ EXPORT_HELP = """Export a checkpoint to a verified model bundle for one device f
 
 \b
 --target decides the files:
-  cpu       model.onnx (+ model.int8.onnx with --precision int8)      ONNX Runtime
-  rpi       model.onnx + model.int8.onnx                             ONNX Runtime INT8 on ARM
-  openvino  model.onnx + openvino/model.xml (FP32), + FP16 or INT8 IR  OpenVINO
-  jetson    model.onnx (+ model.int8.onnx), linted for TensorRT 10;  build the plan on the device
-            with `cyto-edge build-engine`
-INT8 is one QDQ file (int8 symmetric, per-channel weights) calibrated on --calib-images model-size
-tiles of the train split. Every file is run by its runtime engine on validation images and compared
-with the torch model (raw outputs, matched detections, mAP@0.5); a file outside its tolerance makes
-the command exit 1 (INT8: more than 1 mAP point below the torch model, unless --accept-drop).
+  cpu       model.onnx (+ model.int8.onnx with --precision int8)
+  rpi       model.onnx + model.int8.onnx (ONNX Runtime INT8 on ARM)
+  openvino  model.onnx + openvino/model.xml (FP32) + the FP16 or INT8 IR
+  jetson    model.onnx (+ model.int8.onnx), linted for TensorRT 10;
+            the plan is built on the device: `cyto-edge build-engine`
+
+\b
+INT8 is one QDQ file (int8 symmetric, per-channel weights) calibrated on
+--calib-images model-size tiles of the train split, as the device cuts them.
+
+\b
+The acceptance gate: every file runs through its runtime engine on
+validation images and is compared with the torch model (raw outputs,
+matched detections, mAP@0.5); a file outside its tolerance makes the
+command exit 1 (INT8: more than 1 mAP point below the torch model,
+unless --accept-drop). `cyto-edge bundle info` shows the figures.
 
 \b
 Examples:
-  cyto-edge export runs/student/best.pt --target openvino --precision int8 --out cyto.cytobundle
-  cyto-edge export best.pt --target jetson --precision int8 --calib-method entropy --out jetson.cytobundle
+  cyto-edge export runs/student/best.pt --target openvino --precision int8 \\
+      --out cyto.cytobundle
+  cyto-edge export best.pt --target jetson --precision int8 \\
+      --calib-method entropy --out jetson.cytobundle
 """
 
 
@@ -107,11 +116,17 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(False, "--force", help="Rebuild even when the plan is up to date."),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     ):
-        """(On the device) build this GPU's TensorRT plan `model.<gpu>.<tensorrt>.plan` into the bundle.
+        """(On the device) build this GPU's TensorRT plan into the bundle.
 
-        Plans are tied to a GPU and a TensorRT version: a plan made elsewhere is rebuilt here, not an
-        error. The build uses and updates the bundle's timing cache, then checks the plan's outputs
-        against ONNX Runtime fp32 and records the figures in the manifest.
+        \b
+        Writes model.<gpu>.<tensorrt-version>.plan and records it in the manifest.
+        Plans are tied to a GPU and a TensorRT version: a plan made elsewhere is
+        rebuilt here, not an error. The build uses and updates the bundle's timing
+        cache, then checks the plan's outputs against ONNX Runtime fp32.
+
+        \b
+        Example (Jetson Orin, INT8 from the bundle's QDQ model):
+          cyto-edge build-engine cyto.cytobundle --precision int8 --workspace 2048
         """
         from cyto_edge._cli_util import print_json
         from cyto_edge.export.tensorrt import build_engine as build

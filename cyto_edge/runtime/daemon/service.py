@@ -34,6 +34,7 @@ REOPEN_AFTER_END_S = 2.0
 ACTIVE_SAVE_EVERY_S = 10.0
 RETENTION_EVERY_S = 600.0
 FOV_QUEUE = 2
+PREVIEW_FPS = 15.0     # the live view is drawn at most about this often; every frame is still tracked
 
 
 class Service:
@@ -59,7 +60,8 @@ class Service:
         self.fovs_unsaved = self.store_errors = 0
         self.last_fov: dict | None = None
         self.last_preview_mono = 0.0
-        self._fps_times: list[float] = []
+        self._fps_times: list[tuple[float, int]] = []    # (monotonic s, frames processed so far)
+        self._raw_frames = 0
         self._stats_cache: tuple = (None, 0.0, {})
         self._stop, self._cycle = threading.Event(), threading.Event()
         self._pending: tuple | None = None
@@ -257,7 +259,8 @@ class Service:
                     return True
                 continue
             runner = LiveRunner(source, self.pipeline, self.tracker, on_preview=self._on_preview,
-                                on_fov=self._on_fov, on_state=self._on_state, fov_queue=FOV_QUEUE)
+                                on_fov=self._on_fov, on_state=self._on_state, fov_queue=FOV_QUEUE,
+                                preview_every=max(1, round(self.profile.camera.fps / PREVIEW_FPS)))
             self.runner = runner
             try:
                 runner.run(stop_event=self._cycle)
@@ -279,6 +282,7 @@ class Service:
                                state="ENGINE ERROR: " + self.engine_error[:60])
             self.preview.publish(img)
             self._set_camera("live", "")
+            self._raw_frames += 1
             self._tick_fps()
             self._cycle.wait(0.1)
         return False
@@ -349,12 +353,16 @@ class Service:
     def _tick_fps(self) -> None:
         now = time.monotonic()
         self.last_preview_mono = now
-        self._fps_times = [t for t in self._fps_times[-120:] if now - t < 2.0] + [now]
+        frames = self.runner.frames if self.runner is not None else self._raw_frames
+        self._fps_times = [x for x in self._fps_times[-120:] if now - x[0] < 2.0] + [(now, frames)]
 
     # -- figures ------------------------------------------------------------------------------------------------
     def fps(self) -> float:
-        t = [x for x in self._fps_times if time.monotonic() - x < 2.0]
-        return round((len(t) - 1) / (t[-1] - t[0]), 2) if len(t) > 2 and t[-1] > t[0] else 0.0
+        """Frames processed per second over the last 2 s (tracked frames, whether drawn or not)."""
+        t = [x for x in self._fps_times if time.monotonic() - x[0] < 2.0]
+        if len(t) < 2 or t[-1][0] <= t[0][0] or t[-1][1] < t[0][1]:
+            return 0.0
+        return round((t[-1][1] - t[0][1]) / (t[-1][0] - t[0][0]), 2)
 
     def runner_stats(self) -> dict:
         """LiveRunner.stats(), computed at most twice a second whatever the number of pollers."""

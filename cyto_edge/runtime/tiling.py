@@ -14,8 +14,8 @@ manifest's `output.mil.weight` (Bundle.rescore_weight()) and must be passed as `
 the device and `eval` re-score identically. A third output without a weight is refused, never ignored.
 
 Speed (the decoder's results are unchanged): priors that cannot pass the lowest class threshold are
-dropped before the softmax by a logit test (p_c >= t implies l_c - l_0 >= log(t / (1 - t)), since
-p_c <= sigmoid(l_c - l_0)); normalization works per channel on contiguous planes. `timings`, when given,
+dropped before the softmax by two logit tests (`candidate_mask`); normalization works per channel on
+contiguous planes. `timings`, when given,
 accumulates milliseconds per stage: rescale, tile, preprocess, infer, decode, merge.
 """
 from __future__ import annotations
@@ -118,14 +118,22 @@ class TileBatcher:
 
 
 def candidate_mask(logits: np.ndarray, min_threshold: float) -> np.ndarray:
-    """(B, P, C+1) logits -> (B, P) bool: priors whose best foreground class could reach `min_threshold`."""
+    """(B, P, C+1) logits -> (B, P) bool: priors whose best foreground class could reach `min_threshold`.
+
+    Two necessary conditions for p_c = softmax(l)_c >= t: p_c <= sigmoid(l_c - l_0), so l_c - l_0 >= logit(t)
+    (a confident background); and sum_j exp(l_j) >= (C+1) exp(mean(l)) (Jensen), so l_c - mean(l) >=
+    log(t (C+1)) (an undecided prior, all classes alike)."""
     if not 0.0 < min_threshold < 1.0:
         return np.ones(logits.shape[:-1], bool)
+    n = logits.shape[-1]
     best = logits[..., 1].copy()
-    for c in range(2, logits.shape[-1]):
+    total = logits[..., 0] + logits[..., 1]
+    for c in range(2, n):
         np.maximum(best, logits[..., c], out=best)
-    best -= logits[..., 0]
-    return best >= math.log(min_threshold / (1.0 - min_threshold)) - LOGIT_MARGIN
+        total += logits[..., c]
+    vs_background = best - logits[..., 0] >= math.log(min_threshold / (1.0 - min_threshold)) - LOGIT_MARGIN
+    best -= total / n
+    return vs_background & (best >= math.log(min_threshold * n) - LOGIT_MARGIN)
 
 
 def decode_tiles(outputs, priors: np.ndarray, variances, input_size: int, cfg: PostProcess,

@@ -38,14 +38,16 @@ def test_tiles_are_normalized_as_the_manifest_says():
                                                                           (small[50, 50] / 255.0 - MEAN) / STD, atol=1e-5)
 
 
-@pytest.mark.parametrize("thr,class_thr", [(0.3, None), (0.05, None), (0.2, [0.9, 0.1, 0.5])])
-def test_logit_prefilter_keeps_the_decoders_results(thr, class_thr):
+@pytest.mark.parametrize("thr,class_thr,bg,spread", [(0.3, None, 2.0, 1.5), (0.05, None, 2.0, 1.5),
+                                                     (0.2, [0.9, 0.1, 0.5], 2.0, 1.5), (0.3, None, 0.0, 0.3)])
+def test_logit_prefilter_keeps_the_decoders_results(thr, class_thr, bg, spread):
+    """Confident background, or (last case) an undecided model with every class alike."""
     rng = np.random.default_rng(1)
     P, C, B = 3000, 3, 4
     pri = np.column_stack([rng.uniform(0.1, 0.9, (P, 2)), rng.uniform(0.05, 0.4, (P, 2))]).astype(np.float32)
     loc = rng.normal(0, 1, (B, P, 4)).astype(np.float32)
-    logits = rng.normal(0, 1.5, (B, P, C + 1)).astype(np.float32)
-    logits[..., 0] += 2.0                                               # mostly background, some strong priors
+    logits = rng.normal(0, spread, (B, P, C + 1)).astype(np.float32)
+    logits[..., 0] += bg
     hot = rng.integers(0, P, (B, 40))
     for b in range(B):
         logits[b, hot[b], rng.integers(1, C + 1, 40)] += rng.uniform(1, 8, 40)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import platform
+import sqlite3
 import time
 from dataclasses import dataclass
 
@@ -97,9 +98,11 @@ class Recorder:
                                 nbytes.get(crop_names[rank], 0)) for rank, d in enumerate(top)]
         try:
             fid = self.store.add_fov(fov, cells, active_s=t_session_s)
-        except BaseException:
+        except BaseException as e:
             if written:   # no row names them: remove now rather than at the next start
                 self.store.images.delete([rel for rel, _ in files])
+            if isinstance(e, sqlite3.OperationalError) and "full" in str(e).lower():
+                self.alert = Alert("disk_full", "disk full: results cannot be stored", utc_now())   # no room for an event row
             raise
         if written:
             self.hk.added(sum(nbytes.values()))

@@ -26,7 +26,8 @@ def web(tmp_path_factory, gallery_bundle):
 
     d = Daemon(load_profile(write_profile(tmp_path_factory.mktemp("web"), gallery_bundle)), port=0).start()
     with httpx.Client(base_url=d.url, timeout=30) as c:
-        r = c.post("/api/sessions", json={"slide_id": "SLIDE-WEB-1", "operator": "Jane Roe", "notes": "first"})
+        r = c.post("/api/sessions", json={"slide_id": "SLIDE-WEB-1", "operator": "Jane Roe",
+                                           "notes": "first <script>alert(1)</script>"})
         assert r.status_code == 201, r.text
         wait_for(lambda: c.get("/api/status").json()["live"]["fovs_stored"] >= 3, 120, 0.3, "three stored FOVs")
         yield d, c, r.json()
@@ -64,6 +65,7 @@ def test_pages_summary_gallery_report_and_exports(web):
     assert summ["n_fovs"] >= 3 and summ["adequacy"] in ("satisfactory", "unsatisfactory") and summ["adequacy_reason"]
     page = c.get(f"/sessions/{sid}").text
     assert summ["adequacy"] in page and summ["worst_grade"] in page and 'id="fov-table"' in page
+    assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page  # escaped
     gal = c.get(f"/api/sessions/{sid}/gallery?n=100").json()["cells"]
     assert gal and [g["weight"] for g in gal] == sorted((g["weight"] for g in gal), reverse=True)
     assert gal[0]["weight"] == pytest.approx(summ["top_cells"][0]["weight"])   # the slide summary's ranking

@@ -2,7 +2,8 @@
 
     raw       engine.infer on the frames' tiles, pre-normalized outside the clock, in the pipeline's batches
     detect    Pipeline.detect: rescale, tile, normalize, infer, decode, merge (the grading path's detector)
-    grade     Pipeline.grade: detect + quality, squamous count, grading, second stages
+    grade     Pipeline.grade: detect + squamous count, grading, second stages (the frame's quality is
+              measured by the FOV tracker on every frame and handed over, as in the live loop)
     preview   Pipeline.preview on each frame
     live      a short LiveRunner run on the source (frames dropped, capture-to-overlay latency)
 
@@ -62,7 +63,10 @@ def _stages(timings: list[dict]) -> dict:
 
 def compare(pipeline, frames: list[np.ndarray], repeats: int = 1, grade: bool = True) -> dict:
     """raw vs detect (vs grade), alternating per frame; one warm-up pass first."""
+    from cyto_edge.runtime.quality import analyze
+
     batches = [tile_batches(pipeline, f) for f in frames]
+    quality = [analyze(f).quality.to_dict() for f in frames]   # measured per frame by the FOV tracker, not here
     n_tiles = sum(b.shape[0] for bs in batches for b in bs)
     for b in batches[0]:                                      # warm-up: first calls allocate
         pipeline.infer(b)
@@ -70,7 +74,7 @@ def compare(pipeline, frames: list[np.ndarray], repeats: int = 1, grade: bool = 
     raw_s = det_s = grade_s = 0.0
     raw_batch_ms, det_t, grade_t = [], [], []
     for _ in range(repeats):
-        for f, bs in zip(frames, batches):
+        for f, bs, q in zip(frames, batches, quality):
             t0 = time.perf_counter()
             for b in bs:
                 t = time.perf_counter()
@@ -84,7 +88,7 @@ def compare(pipeline, frames: list[np.ndarray], repeats: int = 1, grade: bool = 
             det_t.append(tm)
             if grade:
                 t0 = time.perf_counter()
-                r = pipeline.grade(f)
+                r = pipeline.grade(f, quality=q)
                 grade_s += time.perf_counter() - t0
                 grade_t.append(r.timings)
     tiles = n_tiles * repeats

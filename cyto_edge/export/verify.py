@@ -1,7 +1,8 @@
 """The acceptance gate: every exported file, run by its runtime engine, against the torch model.
 
 On validation images, tiled exactly as on the device (runtime/tiling.detect_frame), three checks per file:
-  raw      max |out - ref| / max |ref| over the tiles, per output before decoding (loc, logits[, mil])
+  raw      max |out - ref| / max |ref| per output before decoding (loc, logits[, mil]), over the first
+           128 tiles (bounded memory)
   matched  fraction of the reference detections (at the manifest's operating score threshold) found by
            the file's detections with IoU >= 0.5 and the same class (and the converse, recorded)
   map50    mAP@0.5 of the file on the validation images (runtime.metrics.evaluate_detections, decoded
@@ -44,7 +45,7 @@ TOLERANCES = {"fp32": Tolerance(1e-4, 0.99, 0.005), "fp16": Tolerance(1e-2, 0.95
 
 @dataclass
 class RunResult:
-    raw: list[np.ndarray]          # per output: (T, P, k) over every tile of every image, concatenated
+    raw: list[np.ndarray]          # per output: (T, P, k) over the first GateSettings.raw_tiles tiles
     dets: list[Detections]         # per image, decoded at EVAL_SCORE, frame pixels
     map50: float | None
 
@@ -56,18 +57,22 @@ class GateSettings:
     factor: float                  # dataset µm/px over model µm/px
     operating_score: float         # manifest postprocess.score_threshold
     batch_size: int = 8
+    raw_tiles: int = 128           # raw outputs compared on the first tiles (bounded memory); detections on all
     tol: dict = field(default_factory=lambda: dict(TOLERANCES))
 
 
 class _Recorder:
-    """Wraps an infer function and keeps every output it returns (tile order = detect_frame's order)."""
+    """Wraps an infer function and keeps the outputs of the first `limit` tiles (detect_frame's order)."""
 
-    def __init__(self, infer: Callable):
-        self.infer, self.outs = infer, []
+    def __init__(self, infer: Callable, limit: int):
+        self.infer, self.outs, self.limit, self.kept = infer, [], limit, 0
 
     def __call__(self, x: np.ndarray):
         o = tuple(self.infer(x))
-        self.outs.append(o)
+        if self.kept < self.limit:
+            n = min(len(x), self.limit - self.kept)
+            self.outs.append(tuple(a[:n].copy() for a in o))
+            self.kept += n
         return o
 
     def arrays(self) -> list[np.ndarray]:
@@ -76,7 +81,7 @@ class _Recorder:
 
 def run_images(infer: Callable, manifest, priors: np.ndarray, s: GateSettings, progress=None) -> RunResult:
     """Detect every validation image through `infer` (numpy NCHW -> outputs), as the device would."""
-    rec = _Recorder(infer)
+    rec = _Recorder(infer, s.raw_tiles)
     pp = manifest.postprocess
     cfg = PostProcess(score_threshold=EVAL_SCORE, nms_iou=pp.nms_iou, max_detections=pp.max_detections,
                       pre_nms_topk=pp.pre_nms_topk)

@@ -78,7 +78,8 @@ def register(app: typer.Typer) -> None:
         calib_images: int = typer.Option(64, "--calib-images", min=1, help="Model-size tiles for INT8 calibration."),
         calib_method: str = typer.Option("minmax", "--calib-method", help="minmax | entropy | percentile"),
         qat_epochs: int = typer.Option(0, "--qat-epochs", min=0,
-                                       help="Quantization-aware fine-tuning epochs before INT8 (0: post-training only)."),
+                                       help="Quantization-aware fine-tuning epochs before INT8 "
+                                            "(0: post-training quantization only)."),
         accept_drop: Optional[float] = typer.Option(None, "--accept-drop", min=0.0,
                                                     help="Accept an INT8 mAP@0.5 drop up to X (0.02 = 2 points)."),
         val: Optional[Path] = typer.Option(None, "--val", help="Validation data for the gate (its val split, else "

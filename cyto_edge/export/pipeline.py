@@ -80,7 +80,7 @@ class Steps:
     def step(self, desc: str, total: int | None = None):
         t = self.progress.add_task(desc, total=total)
         yield lambda n=1, **kw: self.progress.advance(t, n)
-        done = self.progress.tasks[[x.id for x in self.progress.tasks].index(t)].completed
+        done = next(x for x in self.progress.tasks if x.id == t).completed
         self.progress.update(t, total=total or max(done, 1), completed=total or max(done, 1),
                              description=f"[green]done[/] {desc}")
 
@@ -97,7 +97,8 @@ def _datasets(ck: dict, opts: ExportOptions):
 
         cfg = TrainConfig.model_validate(ck["config"])
         if not Path(cfg.data.root).exists():
-            raise BadInput(f"the checkpoint's training data {cfg.data.root} is not here; pass --calib DATA and --val DATA")
+            raise BadInput(f"the checkpoint's training data {cfg.data.root} is not here; "
+                           "pass --calib DATA and --val DATA")
         _, train, val = load_data(cfg)
         src = {"calib": f"{cfg.data.root} (train part of the checkpoint's split)",
                "val": f"{cfg.data.root} (the checkpoint's validation split, seed {cfg.data.split_seed})"}
@@ -122,11 +123,11 @@ def _int8(out: Path, m, ck, model, train_ds, opts: ExportOptions, steps: Steps) 
     with steps.step(f"calibration tiles ({opts.calib_images})"):
         tiles = calibration_tiles(train_ds, m, opts.calib_images, seed=opts.seed)
     src, overrides, qat = out / "model.onnx", None, None
-    tmp = Path(tempfile.mkdtemp(prefix="cyto-qat-"))
-    if opts.qat_epochs > 0:
-        src, overrides, qat = _qat(ck, model, train_ds, opts, steps, tmp)
-    with steps.step(f"INT8 QDQ ({opts.calib_method} calibration)"):
-        export_int8(src, out / "model.int8.onnx", tiles, opts.calib_method, overrides)
+    with tempfile.TemporaryDirectory(prefix="cyto-qat-") as tmp:
+        if opts.qat_epochs > 0:
+            src, overrides, qat = _qat(ck, model, train_ds, opts, steps, Path(tmp))
+        with steps.step(f"INT8 QDQ ({opts.calib_method} calibration)"):
+            export_int8(src, out / "model.int8.onnx", tiles, opts.calib_method, overrides)
     cov = qdq_coverage(out / "model.int8.onnx")
     if cov["fraction"] < MIN_QDQ_FRACTION:
         raise CheckFailed(f"{out / 'model.int8.onnx'}: only {cov['fraction']:.0%} of Conv/Gemm weights are in QDQ "

@@ -6,7 +6,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from cyto_edge.export.qat import QMAX, FakeQuantConv, fold_batchnorms, input_overrides, unwrap_convs, wrap_convs  # noqa: E402
+from cyto_edge.export.qat import (QMAX, FakeQuantConv, fold_batchnorms, input_overrides,  # noqa: E402
+                                  unwrap_convs, wrap_convs)
 from cyto_edge.runtime.bundle import Bundle  # noqa: E402
 
 

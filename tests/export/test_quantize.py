@@ -56,8 +56,10 @@ def test_int8_qdq_per_method(tiny_bundle, tiles, tmp_path, method):
     assert cov["fraction"] >= 0.95 and cov["inputs_quantized_fraction"] >= 0.95, cov
     assert zero_points_nonzero(out) == [] and lint_onnx(out) == []   # symmetric: TensorRT takes it
     x = tiles[:4]
-    ref = ort.InferenceSession(str(tiny_bundle / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"images": x})
-    q = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"images": x})
+    def run(path):
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": x})
+
+    ref, q = run(tiny_bundle / "model.onnx"), run(out)
     for a, r in zip(q, ref):
         assert np.corrcoef(a.ravel(), r.ravel())[0, 1] > 0.98
         assert not np.array_equal(a, r)                              # it really is quantized

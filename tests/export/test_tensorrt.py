@@ -111,7 +111,8 @@ def test_plan_for_another_gpu_is_rebuilt_not_fatal(jetson_bundle):
     (jetson_bundle / "model.other-gpu-sm99.10.0.0.plan").write_bytes(b"not a plan for this GPU")
     m = json.loads((jetson_bundle / "manifest.json").read_text())
     m["files"].append({"path": "model.other-gpu-sm99.10.0.0.plan", "sha256": "", "size": 0, "kind": "trt-plan",
-                       "precision": "fp16", "role": "detector", "meta": {"gpu": "other-gpu-sm99", "tensorrt": "10.0.0"}})
+                       "precision": "fp16", "role": "detector",
+                       "meta": {"gpu": "other-gpu-sm99", "tensorrt": "10.0.0"}})
     (jetson_bundle / "manifest.json").write_text(json.dumps(m))
     b = Bundle.open(jetson_bundle, verify=False)
     b.save()                                                         # re-hash

@@ -14,7 +14,8 @@ def bundle_summary(b) -> dict:
     q = m.quality or {}
     exp = (m.provenance or {}).get("export", {})
     return {
-        "path": str(b.path), "name": m.name, "schema_version": m.schema_version, "cyto_edge_version": m.cyto_edge_version,
+        "path": str(b.path), "name": m.name, "schema_version": m.schema_version,
+        "cyto_edge_version": m.cyto_edge_version,
         "created": m.created, "target": exp.get("target"), "precision": exp.get("precision"),
         "classes": {c: m.bethesda[c] for c in m.classes}, "organisms": list(m.organisms),
         "um_per_px": m.um_per_px,

@@ -24,6 +24,8 @@ from cyto_edge.errors import BadInput, MissingExtra
 from cyto_edge.runtime.bundle import BundleError
 from cyto_edge.runtime.engines import EngineBase
 
+PRECISIONS = {"fp32": "fp32", "fp16": "fp16", "int8": "int8-qdq"}
+HINT_NAMES = {"f32": "f32", "fp32": "f32", "f16": "f16", "fp16": "f16", "bf16": "bf16"}
 
 
 def _openvino():
@@ -33,9 +35,6 @@ def _openvino():
     except ImportError:
         raise MissingExtra("openvino", "openvino") from None
     return openvino
-
-PRECISIONS = {"fp32": "fp32", "fp16": "fp16", "int8": "int8-qdq"}
-HINT_NAMES = {"f32": "f32", "fp32": "f32", "f16": "f16", "fp16": "f16", "bf16": "bf16"}
 
 
 def select_file(bundle, precision: str, file: str | None = None):

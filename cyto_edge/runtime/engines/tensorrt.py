@@ -35,7 +35,8 @@ def _import() -> None:
     try:
         import tensorrt
     except ImportError:
-        raise MissingExtra("tensorrt", "jetson", "on a Jetson TensorRT comes with JetPack's python3-libnvinfer") from None
+        raise MissingExtra("tensorrt", "jetson",
+                           "on a Jetson TensorRT comes with JetPack's python3-libnvinfer") from None
     try:
         import pycuda.driver
     except ImportError:  # pragma: no cover - hardware only
@@ -69,10 +70,12 @@ def select_plan(bundle, info: dict, precision: str, file: str | None = None):
     if file is not None:
         plans = [f for f in plans if f.path == file]
     for f in plans:
-        if f.meta.get("gpu") == info["slug"] and f.meta.get("tensorrt") == info["tensorrt"] and f.precision == precision:
+        same_device = f.meta.get("gpu") == info["slug"] and f.meta.get("tensorrt") == info["tensorrt"]
+        if same_device and f.precision == precision:
             return f
     have = ", ".join(f"{f.path} ({f.precision})" for f in plans) or "none"
-    raise BundleError(f"{bundle.path}: no {precision} TensorRT plan for {info['name']} with TensorRT {info['tensorrt']} "
+    raise BundleError(f"{bundle.path}: no {precision} TensorRT plan for {info['name']} with TensorRT "
+                      f"{info['tensorrt']} "
                       f"(plans in the bundle: {have}); build one on this device: "
                       f"cyto-edge build-engine {bundle.path} --precision {precision}")
 

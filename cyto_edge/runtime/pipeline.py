@@ -264,20 +264,31 @@ class Pipeline:
         small = img if s >= 1.0 else cv2.resize(img, (max(round(W * s), 1), max(round(H * s), 1)),
                                                 interpolation=cv2.INTER_LINEAR)
         clock("downscale")
-        fit = self.size / max(H, W)                     # model px per frame px
-        w, h = min(max(round(W * fit), 1), self.size), min(max(round(H * fit), 1), self.size)
-        inp = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)   # from the frame: one resampling
-        batch = self._batcher(1).fill(inp, [Tile(0, 0, w, h)])
+        batch, size = self.preview_input(img)
         clock("preprocess")
         outputs = self.infer(batch)
         clock("infer")
-        det = decode_tiles(outputs, self.priors, self.variances, self.size, self.cfg, self.rescore_weight)[0]
-        det.boxes[:, 0::2] = np.clip(det.boxes[:, 0::2], 0, w)
-        det.boxes[:, 1::2] = np.clip(det.boxes[:, 1::2], 0, h)
-        det = det.shifted(0, 0, W / w)                  # model px -> frame px (x and y alike: aspect kept)
+        det = self.preview_decode(outputs, size, W)
         clock("decode")
         timings["total"] = (time.perf_counter() - t0) * 1e3
         return PreviewResult(det, timings, small.shape[1] / W, small)
+
+    def preview_input(self, img: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+        """(H, W, 3) uint8 BGR -> ((1, 3, S, S) normalized batch, (w, h) of the field inside it): the whole
+        frame fitted into the model input, aspect kept, padded bottom/right."""
+        H, W = img.shape[:2]
+        fit = self.size / max(H, W)                     # model px per frame px
+        w, h = min(max(round(W * fit), 1), self.size), min(max(round(H * fit), 1), self.size)
+        inp = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)   # from the frame: one resampling
+        return self._batcher(1).fill(inp, [Tile(0, 0, w, h)]), (w, h)
+
+    def preview_decode(self, outputs, size: tuple[int, int], frame_w: int) -> Detections:
+        """Raw outputs of a preview input -> detections in frame px."""
+        w, h = size
+        det = decode_tiles(outputs, self.priors, self.variances, self.size, self.cfg, self.rescore_weight)[0]
+        det.boxes[:, 0::2] = np.clip(det.boxes[:, 0::2], 0, w)
+        det.boxes[:, 1::2] = np.clip(det.boxes[:, 1::2], 0, h)
+        return det.shifted(0, 0, frame_w / w)           # model px -> frame px (x and y alike: aspect kept)
 
 
 # -- assembly: bundle + profile + options -> engine and pipeline (run, bench, eval, calibrate, serve) ---------

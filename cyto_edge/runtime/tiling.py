@@ -126,13 +126,10 @@ def candidate_mask(logits: np.ndarray, min_threshold: float) -> np.ndarray:
     if not 0.0 < min_threshold < 1.0:
         return np.ones(logits.shape[:-1], bool)
     n = logits.shape[-1]
-    best = logits[..., 1].copy()
-    total = logits[..., 0] + logits[..., 1]
-    for c in range(2, n):
-        np.maximum(best, logits[..., c], out=best)
-        total += logits[..., c]
-    vs_background = best - logits[..., 0] >= math.log(min_threshold / (1.0 - min_threshold)) - LOGIT_MARGIN
-    best -= total / n
+    t = np.ascontiguousarray(np.moveaxis(logits, -1, 0))               # (C+1, B, P): contiguous reductions
+    best = t[1:].max(0)                                                 # (B, P) best foreground logit
+    vs_background = best - t[0] >= math.log(min_threshold / (1.0 - min_threshold)) - LOGIT_MARGIN
+    best -= t.sum(0) / n
     return vs_background & (best >= math.log(min_threshold * n) - LOGIT_MARGIN)
 
 

@@ -6,6 +6,7 @@ import csv
 import io
 import re
 import shutil
+import socket
 
 import cv2
 import httpx
@@ -113,6 +114,7 @@ def test_mjpeg_parts_differ_and_metrics_are_prometheus_text(web):
     assert vals['cyto_edge_engine_state{state="ok"}'] == 1 and vals["cyto_edge_fps"] > 0
     assert "cyto_edge_frames_dropped_total" in vals and 'cyto_edge_latency_seconds{quantile="0.95"}' in vals
     assert c.get("/healthz").json() == {"ok": True, "camera": "live", "engine": "ok"}
+    assert d.sock.proto == socket.IPPROTO_TCP          # so that asyncio sets TCP_NODELAY on each connection
 
 
 BAD = [

@@ -75,7 +75,7 @@ def tiny(tiny_bundle) -> Bundle:
 
 
 @pytest.fixture
-def bundle_copy(tiny_bundle, tmp_path) -> Path:
+def writable_bundle(tiny_bundle, tmp_path) -> Path:
     """A writable copy of the tiny bundle."""
     dst = tmp_path / "copy.cytobundle"
     shutil.copytree(tiny_bundle, dst)

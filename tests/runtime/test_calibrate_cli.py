@@ -43,14 +43,14 @@ def data_with_val(synth_small, tiny_bundle, tmp_path):
     return d
 
 
-def test_calibrate_writes_thresholds_that_reach_the_target(bundle_copy, data_with_val, capsys):
-    before = Bundle.open(bundle_copy).manifest.postprocess.class_thresholds
+def test_calibrate_writes_thresholds_that_reach_the_target(writable_bundle, data_with_val, capsys):
+    before = Bundle.open(writable_bundle).manifest.postprocess.class_thresholds
     assert before == {}
-    rc = main(["calibrate", str(bundle_copy), "--data", str(data_with_val), "--target-recall", "0.6", "--json",
+    rc = main(["calibrate", str(writable_bundle), "--data", str(data_with_val), "--target-recall", "0.6", "--json",
                "--threads", "1"])
     assert rc == 0
     res = json.loads(capsys.readouterr().out)
-    b = Bundle.open(bundle_copy)                                         # re-hashed: verifies
+    b = Bundle.open(writable_bundle)                                         # re-hashed: verifies
     thr = b.manifest.postprocess.class_thresholds
     changed = {c: r for c, r in res["classes"].items() if r["status"] in ("calibrated", "unreachable")}
     assert any(r["status"] == "calibrated" for r in changed.values()) and set(thr) == set(changed)
@@ -70,13 +70,13 @@ def test_calibrate_writes_thresholds_that_reach_the_target(bundle_copy, data_wit
             assert m.by_name(c).recall >= 0.6
 
 
-def test_calibrate_on_test_warns_and_dry_run_writes_nothing(bundle_copy, synth_small, capsys):
-    before = (bundle_copy / "manifest.json").read_bytes()
-    assert main(["calibrate", str(bundle_copy), "--data", str(synth_small), "--split", "test", "--dry-run",
+def test_calibrate_on_test_warns_and_dry_run_writes_nothing(writable_bundle, synth_small, capsys):
+    before = (writable_bundle / "manifest.json").read_bytes()
+    assert main(["calibrate", str(writable_bundle), "--data", str(synth_small), "--split", "test", "--dry-run",
                  "--classes", "ascus,scc", "--max-images", "2"]) == 0
     err = capsys.readouterr().err
     assert "test split makes its figures optimistic" in err and "not written" in err
-    assert (bundle_copy / "manifest.json").read_bytes() == before
+    assert (writable_bundle / "manifest.json").read_bytes() == before
 
 
 @pytest.mark.parametrize("args,msg", [
@@ -84,12 +84,12 @@ def test_calibrate_on_test_warns_and_dry_run_writes_nothing(bundle_copy, synth_s
     (["--split", "train", "--target-recall", "1.5"], "--target-recall"),
     (["--split", "val"], "no split 'val'"),
 ])
-def test_calibrate_refuses_bad_input(bundle_copy, synth_small, args, msg, capsys):
-    assert main(["calibrate", str(bundle_copy), "--data", str(synth_small), "--max-images", "2", *args]) == 2
+def test_calibrate_refuses_bad_input(writable_bundle, synth_small, args, msg, capsys):
+    assert main(["calibrate", str(writable_bundle), "--data", str(synth_small), "--max-images", "2", *args]) == 2
     assert msg in capsys.readouterr().err
 
 
-def test_calibrate_refuses_to_write_into_an_archive(bundle_copy, synth_small, tmp_path, capsys):
-    archive = shutil.make_archive(str(tmp_path / "b"), "zip", bundle_copy)
+def test_calibrate_refuses_to_write_into_an_archive(writable_bundle, synth_small, tmp_path, capsys):
+    archive = shutil.make_archive(str(tmp_path / "b"), "zip", writable_bundle)
     assert main(["calibrate", archive, "--data", str(synth_small), "--split", "train"]) == 2
     assert "unpack the archive" in capsys.readouterr().err

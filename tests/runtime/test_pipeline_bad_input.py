@@ -57,16 +57,16 @@ def _edit_manifest(path, **changes):
     (path / "manifest.json").write_text(json.dumps(m))
 
 
-def test_a_bundle_for_another_task_or_layout_is_refused(bundle_copy, blob_engine):
-    _edit_manifest(bundle_copy, task="segmentation")
+def test_a_bundle_for_another_task_or_layout_is_refused(writable_bundle, blob_engine):
+    _edit_manifest(writable_bundle, task="segmentation")
     with pytest.raises(BundleError, match="not a detection bundle"):
-        Bundle.open(bundle_copy)
-    _edit_manifest(bundle_copy, task="detection", input__resize="letterbox")
-    b = Bundle.open(bundle_copy)
+        Bundle.open(writable_bundle)
+    _edit_manifest(writable_bundle, task="detection", input__resize="letterbox")
+    b = Bundle.open(writable_bundle)
     with pytest.raises(BundleError, match="input.resize 'letterbox'"):
         Pipeline(b, blob_engine(b), policy=policy_from_manifest(b), camera_um_per_px=1.0)
-    _edit_manifest(bundle_copy, input__resize="tile", postprocess__tile__size=256)
-    b = Bundle.open(bundle_copy)
+    _edit_manifest(writable_bundle, input__resize="tile", postprocess__tile__size=256)
+    b = Bundle.open(writable_bundle)
     with pytest.raises(BundleError, match="tile.size 256 differs"):
         Pipeline(b, blob_engine(b), policy=policy_from_manifest(b), camera_um_per_px=1.0)
 

@@ -31,8 +31,10 @@ Learned FOV grader, role "grader":
                         attention the grade paid to the cell: store it and show it beside the cell.
           `cell_probs`  (N, C): per-cell in-the-class probability of each class branch (weakly
                         supervised cell classification); present only when stage["outputs"] lists it.
-  The grader's LSTM is an ONNX LSTM node with peephole weights: ONNX Runtime runs it exactly; OpenVINO
-  ignores peepholes (wrong numbers), so stage["runtimes"] lists the runtimes it was verified on.
+  The grader's LSTM is one ONNX LSTM node with peephole weights (input P): ONNX Runtime runs it exactly.
+  OpenVINO (2026.4) does not apply P: a standalone peephole LSTM differed by 0.39, so stage["runtimes"]
+  lists only ONNX Runtime; a grader trained with `train-grader --no-peephole` matched ONNX Runtime to
+  ~1e-3 in OpenVINO (not verified by export).
 """
 from __future__ import annotations
 

@@ -240,3 +240,32 @@ def test_merge_maps_grades_before_training(tmp_path):
     ds = load_detection(_coco(tmp_path / "coco"), "train")
     fs = build_fovset(ds, fov_grades(ds), GraderSettings(cells="gt", crop=16, merge={"HSIL": "LSIL"}), progress=False)
     assert fs.classes == ["NILM", "LSIL"] and fs.cells["merge"] == {"HSIL": "LSIL"}
+
+
+def test_frozen_classifier_backbone_is_cached_and_never_changes(tmp_path):
+    from cyto_edge.train.cellcrops import CropSet
+    from cyto_edge.train.classify import ClassifierSettings, build, checkpoint
+    from cyto_edge.train.grade_train import build_model, cnn_features, collate, collate_features, fit
+
+    cs = ClassifierSettings(arch="small", width=4, img_size=24)
+    torch.manual_seed(0)
+    clf = build(cs, 3)
+    crops = CropSet(np.zeros((0, 24, 24, 3), np.uint8), np.zeros(0, np.int64), ["a", "b", "c"], source="t")
+    torch.save(checkpoint(clf, cs, crops), tmp_path / "clf.pt")
+    s = GraderSettings(crop=24, hidden=8, vit_dim=16, vit_layers=1, vit_heads=2, epochs=2, batch=4,
+                       backbone_ckpt=str(tmp_path / "clf.pt"), freeze_backbone=True)
+    fs = separable_fovs(12)
+    fs.crops[3] = fs.crops[3][:0]                                        # a FOV without cells
+    model = build_model(s, 2)
+    before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    assert all(torch.equal(before[f"cnn.{k}"], v) for k, v in clf.state_dict().items() if not k.startswith("fc."))
+    model.eval()
+    idx = [2, 3, 4, 5]
+    with torch.no_grad():
+        full = model(*collate(fs, idx)[:2])
+        (x, maps, mask), _ = collate_features(cnn_features(model, fs), fs, idx, model.encoder.d_f)
+        cached = model.forward_features(x, maps, mask)
+    assert torch.allclose(full["probs"], cached["probs"], atol=1e-6)
+    fit(model, fs, np.arange(12), np.zeros(0, np.int64), s)
+    after = model.encoder.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)        # weights and BN statistics

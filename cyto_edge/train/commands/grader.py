@@ -49,6 +49,7 @@ def register(app: typer.Typer) -> None:
         vit_dim: int = typer.Option(64, "--vit-dim", help="Transformer width D."),
         vit_layers: int = typer.Option(2, "--vit-layers", help="Transformer layers L."),
         local: bool = typer.Option(True, "--local/--no-local", help="Transformer + cross attention (off: Att-BLSTM alone)."),
+        peephole: bool = typer.Option(True, "--peephole/--no-peephole", help="Eq. 1's peephole terms (off: OpenVINO-friendly LSTM)."),
         lam: float = typer.Option(0.25, "--lambda-cell", help="Weight of the cell loss (the paper: 0.25; 0: off)."),
         backbone: Optional[Path] = typer.Option(None, "--backbone", help="Cell-classifier checkpoint for the CNN."),
         freeze_backbone: bool = typer.Option(False, "--freeze-backbone", help="Keep the --backbone weights fixed."),
@@ -73,11 +74,12 @@ def register(app: typer.Typer) -> None:
         if backbone is None and freeze_backbone:
             raise BadInput("--freeze-backbone needs --backbone CKPT")
         keep = [parse_grade(g, "--grades") for g in grades.split(",")] if grades else None
-        s = GraderSettings(cells=cells, max_cells=max_cells, crop=crop, window_um=window_um, um_per_px=um_per_px,
-                           grades=keep, merge=parse_merge(merge), width=width, hidden=hidden, vit_dim=vit_dim, vit_layers=vit_layers,
-                           local=local, lam=lam, epochs=epochs, batch=batch, lr=lr, val_fraction=val_fraction,
-                           seed=seed, threads=threads, backbone_ckpt=str(backbone) if backbone else None,
-                           freeze_backbone=freeze_backbone)
+        s = GraderSettings(
+            cells=cells, max_cells=max_cells, crop=crop, window_um=window_um, um_per_px=um_per_px, grades=keep,
+            merge=parse_merge(merge), width=width, hidden=hidden, vit_dim=vit_dim, vit_layers=vit_layers,
+            local=local, lam=lam, peephole=peephole, epochs=epochs, batch=batch, lr=lr, val_fraction=val_fraction,
+            seed=seed, threads=threads, backbone_ckpt=str(backbone) if backbone else None,
+            freeze_backbone=freeze_backbone)
         run(s, data, split, labels, test_split, out, json_out)
 
 

@@ -118,11 +118,13 @@ class Service:
     def tick(self) -> None:
         """Called about once a second by the main loop: saves the session's duration, applies retention."""
         now = time.monotonic()
-        if now - self._last_active_save >= ACTIVE_SAVE_EVERY_S:
-            self._last_active_save = now
-            with self._session_lock:
+        if now - self._last_active_save >= ACTIVE_SAVE_EVERY_S and self._session_lock.acquire(timeout=0.2):
+            try:        # never wait long behind a FOV being written: the watchdog loop calls this
+                self._last_active_save = now
                 if self.session is not None:
                     self.store.update_active(self.session["id"], self.active_s())
+            finally:
+                self._session_lock.release()
         if now - self._last_retention >= RETENTION_EVERY_S:
             self._last_retention = now
             self.hk.apply_retention()

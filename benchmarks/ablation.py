@@ -81,13 +81,27 @@ def train(recipe: str, sets: list[str]) -> tuple[Path, float]:
 
 
 def evaluate(ckpt: Path, data: Path, threads: int, out: Path) -> dict:
-    """Export an fp32 bundle and evaluate it on the clean test split through the runtime."""
+    """Export an fp32 bundle and evaluate it on the clean test split through the runtime. A bundle with a
+    MIL output is evaluated twice: as exported, and with its re-scoring weight set to 0 (a copy), which
+    separates what re-scoring adds from what the MIL losses and pseudo-boxes did to the SSD itself."""
+    import shutil
+
     from cyto_edge.export.bundle_writer import export_fp32_bundle
+    from cyto_edge.runtime.bundle import Bundle
     from cyto_edge.runtime.evaluate import evaluate_bundle_cli
 
     bundle = export_fp32_bundle(ckpt, out / f"{ckpt.parent.name}.cytobundle")
     r = evaluate_bundle_cli(bundle, data, split="test", level="box", engine="onnxruntime", threads=threads)
-    return {"map50": float(r.get("map50") or 0.0), "map": float(r.get("map") or 0.0), "bundle": str(bundle)}
+    res = {"map50": float(r.get("map50") or 0.0), "map": float(r.get("map") or 0.0), "bundle": str(bundle)}
+    b = Bundle.open(bundle)
+    if b.manifest.output.mil is not None:
+        plain = Path(shutil.copytree(bundle, out / f"{ckpt.parent.name}.no_rescore.cytobundle", dirs_exist_ok=True))
+        bp = Bundle.open(plain)
+        bp.manifest.output.mil.weight = 0.0
+        bp.save()
+        r0 = evaluate_bundle_cli(plain, data, split="test", level="box", engine="onnxruntime", threads=threads)
+        res["map50_no_rescore"] = float(r0.get("map50") or 0.0)
+    return res
 
 
 def teacher_checkpoint(data: Path, st: dict, threads: int) -> Path:
@@ -159,8 +173,11 @@ def main() -> None:
         seeds = args.seeds[: st["teacher_seeds"]] if row == "teacher" and st["teacher_seeds"] else args.seeds
         results[row] = run_row(row, seeds, data, st, args.threads, tmp, teacher)
         rs = results[row]
-        emit("ablation", {"map50": mean_std([r["map50"] for r in rs]), "map": mean_std([r["map"] for r in rs]),
-                          "train_seconds": mean_std([r["train_seconds"] for r in rs])["mean"]},
+        figures = {"map50": mean_std([r["map50"] for r in rs]), "map": mean_std([r["map"] for r in rs]),
+                   "train_seconds": mean_std([r["train_seconds"] for r in rs])["mean"]}
+        if all("map50_no_rescore" in r for r in rs):
+            figures["map50_no_rescore"] = mean_std([r["map50_no_rescore"] for r in rs])
+        emit("ablation", figures,
              torch_threads=args.threads, ort_threads=args.threads, row=row, recipe=ROWS[row][0],
              seeds=[r["seed"] for r in rs], train_command=rs[0]["command"], **info)
     emit("ablation_summary", summary(results), torch_threads=args.threads, ort_threads=args.threads, **info)

@@ -209,3 +209,42 @@ def test_mil_config_errors_name_the_field(weak_synth, tmp_path):
         cfg = load_config("student_mil", _fast(weak_synth, tmp_path, "bad") + ["model.name=tiny", "model.kwargs={}", bad])
         with pytest.raises(BadInput, match=msg):
             Trainer(cfg, components=build_components(cfg)).setup()
+
+
+def test_mil_and_oicr_learn_to_localise_from_image_labels_alone():
+    """Bags of 40 regions whose features are noise, except that a bag labelled with class c holds one region
+    carrying c's pattern; trained on bag labels only (eq. 15 + eq. 16), the refined top region of each
+    labelled class is the planted one far above chance (1/40). The region features here stand in for
+    RoIAlign features of a trained backbone: on synthetic fields with a backbone trained from scratch on
+    image labels alone, localisation stayed at chance within minutes of CPU training (see the README)."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    C, R, D = 4, 40, 32
+    head = MilHead(8, C, roi_size=1, hidden=D, reduce=0, refine_stages=2)
+    protos = torch.randn(C, D) * 1.5
+    g = torch.arange(R, dtype=torch.float32)
+    boxes = torch.stack([g * 20, torch.zeros(R), g * 20 + 10, torch.full((R,), 10.0)], -1)   # disjoint regions
+
+    def bags(n):
+        h, y, planted = torch.randn(n, R, D), torch.zeros(n, C), []
+        for i in range(n):
+            j = -1
+            if rng.random() < 0.7:                      # 30% of bags hold no labelled object
+                c, j = int(rng.integers(C)), int(rng.integers(R))
+                y[i, c] = 1.0
+                h[i, j] += protos[c]
+            planted.append(j)
+        return h, y, planted
+
+    opt = torch.optim.Adam(head.parameters(), lr=3e-3)
+    for _ in range(200):
+        h, y, _ = bags(8)
+        out = oicr_losses(*head.streams(h), boxes[None].expand(8, -1, -1), torch.ones(8, R, dtype=torch.bool), y)
+        opt.zero_grad()
+        (out["cls"] + out["ref"]).backward()
+        opt.step()
+    with torch.no_grad():
+        h, y, planted = bags(200)
+        q = head.refined_probs(h)                                                       # (200, R, C+1)
+        found = [int(q[i, :, int(y[i].argmax()) + 1].argmax()) == j for i, j in enumerate(planted) if j >= 0]
+    assert np.mean(found) > 0.8, np.mean(found)

@@ -17,6 +17,12 @@ full images tiled exactly as the device does (mAP@0.5 on a seeded validation spl
 and writes last.pt (every epoch, resumable) and best.pt (best validation mAP) to OUT/NAME/.
 Multi-GPU / multi-process: torchrun --nproc_per_node N -m cyto_edge.cli train CONFIG (NCCL on GPU,
 gloo on CPU).
+
+Weak or incomplete labels: a recipe with a `mil:` section (e.g. student_mil) also trains the MIL detector
+(LD-WSCCD eq. 15-16, OICR refinement) on boxed and image-level-only images (a `train_labels.csv` beside the
+COCO files); its refined scores re-score the detections, in validation and in the exported bundle.
+
+    cyto-edge train student_mil --data data/weak
 """
 
 

@@ -180,7 +180,7 @@ def preview(bundle, small: bool) -> dict:
         c = time.thread_time()
         batch, size = pipe.preview_input(f)
         c1 = time.thread_time()
-        outs = pipe.infer(batch)
+        outs = (pipe.preview_engine or pipe).infer(batch)
         c2 = time.thread_time()
         pipe.preview_decode(outs, size, f.shape[1])
         cpu_pre.append((c1 - c) * 1e3)

@@ -129,7 +129,7 @@ def evaluate_bundle_cli(model: Path, data: Path, split: str = "test", level: str
     gt = ground_truth(ds, bundle.classes)
     pipe = build_pipeline(bundle, backend=engine, precision=precision, threads=threads,
                           camera_um_per_px=ds.um_per_px, overlap=overlap, stages=level == "fov",
-                          count=level == "fov")
+                          count=level == "fov", preview_engine=False)
     factor = pipe.factor
     result: dict = {"model": str(model), "data": str(data), "split": split, "level": level,
                     "engine": getattr(pipe.engine, "name", engine), "precision": getattr(pipe.engine, "precision", None),

@@ -19,8 +19,9 @@ the same decoder; boxes in frame pixels. The model sees the field at a coarser s
 for, so preview boxes are a live guide only; the grade always comes from the grading path.
 
 Timings are milliseconds per stage (rescale, tile, preprocess, infer, decode, merge, quality, grade, count,
-classify, grader, total). Engines other than ONNX Runtime are called under a lock, so that the preview and
-the grading worker may share one engine from two threads.
+classify, grader, total). The preview may have its own engine (`preview_engine`; build_pipeline opens one
+with one thread by default), so that it never waits for a batch of grading tiles; otherwise both paths
+share the engine, engines other than ONNX Runtime under a lock.
 """
 from __future__ import annotations
 
@@ -117,7 +118,8 @@ def as_frame(frame, where: str = "frame") -> np.ndarray:
 class Pipeline:
     def __init__(self, bundle: Bundle, engine, *, policy: GradingPolicy, camera_um_per_px: float | None,
                  overlap: int | None = None, batch_size: int = 8, preview_max_side: int = 960, stages: bool = True,
-                 edge_margin: float | None = None, count: bool = True, stage_threads: int | None = None):
+                 edge_margin: float | None = None, count: bool = True, stage_threads: int | None = None,
+                 preview_engine=None):
         m = bundle.manifest
         self.bundle, self.engine, self.policy, self.manifest = bundle, engine, policy, m
         self.classes, self.taxonomy = bundle.classes, m.taxonomy()
@@ -138,6 +140,7 @@ class Pipeline:
         self.factor = self._scale_factor()
         self.bundle_sha = manifest_sha(bundle)
         self._lock = None if getattr(engine, "name", "") in THREAD_SAFE_ENGINES else threading.Lock()
+        self.preview_engine = preview_engine      # its own engine: the preview never waits for a grading batch
         self._local = threading.local()   # tile buffers per thread: preview and grading may run at once
         self.classifier = self.grader = None
         if stages and m.stages:
@@ -187,6 +190,12 @@ class Pipeline:
             b = TileBatcher(self.size, n, i.mean, i.std, i.scale, self.channels)
             setattr(self._local, key, b)
         return b
+
+    def close(self) -> None:
+        """Release the engines (the grading one and the preview's own, if any)."""
+        for e in (self.engine, self.preview_engine):
+            if e is not None and hasattr(e, "close"):
+                e.close()
 
     def infer(self, x: np.ndarray):
         if self._lock is None:
@@ -266,7 +275,7 @@ class Pipeline:
         clock("downscale")
         batch, size = self.preview_input(img)
         clock("preprocess")
-        outputs = self.infer(batch)
+        outputs = self.preview_engine.infer(batch) if self.preview_engine is not None else self.infer(batch)
         clock("infer")
         det = self.preview_decode(outputs, size, W)
         clock("decode")
@@ -324,20 +333,25 @@ def grading_overrides(profile) -> dict:
 def build_pipeline(bundle: Bundle, *, profile=None, engine=None, backend: str | None = None,
                    precision: str | None = None, threads: int | None = None,
                    camera_um_per_px: float | None = None, overlap: int | None = None,
-                   batch_size: int | None = None, stages: bool = True, count: bool = True) -> Pipeline:
+                   batch_size: int | None = None, stages: bool = True, count: bool = True,
+                   preview_engine: bool = True) -> Pipeline:
     """A Pipeline from a bundle, an optional DeviceProfile (engine, camera scale, pipeline and grading
-    sections) and explicit options, which win over the profile. The engine is opened unless given."""
+    sections) and explicit options, which win over the profile. The engine is opened unless given;
+    `preview_engine` opens a second one (same backend and precision, one thread) for the preview path."""
     from cyto_edge.runtime.grading import policy_from_manifest
 
     src = f"profile {getattr(profile, 'name', '')} grading".strip()
     policy = policy_from_manifest(bundle, grading_overrides(profile), source=src)
     eng_p = profile.engine if profile is not None else None
     pip_p = profile.pipeline if profile is not None else None
-    if engine is None:
-        engine = open_engine(bundle, backend or (eng_p.backend if eng_p else None),
-                             precision=precision or (eng_p.precision if eng_p else None),
-                             threads=threads or (eng_p.threads if eng_p else None),
-                             device=eng_p.device if eng_p is not None and not backend else None)
+    kw = {"precision": precision or (eng_p.precision if eng_p else None),
+          "device": eng_p.device if eng_p is not None and not backend else None}
+    name = backend or (eng_p.backend if eng_p else None)
+    preview = None
+    if engine is None:                      # (a given engine is used for both paths)
+        engine = open_engine(bundle, name, threads=threads or (eng_p.threads if eng_p else None), **kw)
+        if preview_engine:
+            preview = open_engine(bundle, engine.name, **{**kw, "precision": engine.precision}, threads=1)
     if camera_um_per_px is None and profile is not None:
         camera_um_per_px = profile.camera.um_per_px
     return Pipeline(bundle, engine, policy=policy, camera_um_per_px=camera_um_per_px,
@@ -345,4 +359,4 @@ def build_pipeline(bundle: Bundle, *, profile=None, engine=None, backend: str | 
                     batch_size=batch_size or (pip_p.batch_size if pip_p else 8),
                     preview_max_side=pip_p.preview_max_side if pip_p else 960,
                     edge_margin=pip_p.edge_margin if pip_p else None, stages=stages, count=count,
-                    stage_threads=threads or (eng_p.threads if eng_p else None))
+                    stage_threads=threads or (eng_p.threads if eng_p else None), preview_engine=preview)

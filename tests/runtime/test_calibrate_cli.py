@@ -25,7 +25,7 @@ def data_with_val(synth_small, tiny_bundle, tmp_path):
     d = tmp_path / "data"
     (d / "val").mkdir(parents=True)
     b = Bundle.open(tiny_bundle)
-    pipe = build_pipeline(b, threads=1, camera_um_per_px=1.0, stages=False, count=False)
+    pipe = build_pipeline(b, threads=1, camera_um_per_px=1.0, stages=False, count=False, preview_engine=False)
     files = sorted((synth_small / "train").glob("*.jpg"))[:3]
     dets = detect_all(pipe, files, 1.0, PostProcess(score_threshold=0.01, max_detections=500))
     images, anns = [], []
@@ -59,7 +59,8 @@ def test_calibrate_writes_thresholds_that_reach_the_target(writable_bundle, data
     assert cal["target_recall"] == 0.6 and cal["split"] == "val" and cal["n_images"] > 0
     # the pipeline with the written thresholds gives (at least) the recall calibrate promised
     ds = load_dataset(data_with_val, "val")
-    pipe = build_pipeline(b, threads=1, camera_um_per_px=ds.um_per_px, stages=False, count=False)
+    pipe = build_pipeline(b, threads=1, camera_um_per_px=ds.um_per_px, stages=False, count=False,
+                          preview_engine=False)
     pp = b.manifest.postprocess
     dets = detect_all(pipe, [im.file for im in ds.images], pipe.factor,
                       PostProcess(score_threshold=0.01, nms_iou=pp.nms_iou, max_detections=pp.max_detections))

@@ -51,3 +51,27 @@ def test_engines_agree_through_the_pipeline(tiny, real_frame, backend):
     b, grade = _detect(tiny, backend, frame, cfg)
     _same(a, b, margin=1e-4)
     assert grade.grade.grade == ref_grade.grade.grade and len(grade.detections) == len(ref_grade.detections) == len(ref)
+
+
+@pytest.mark.parametrize("backend", ENGINES)
+def test_the_preview_has_its_own_engine_and_never_waits_for_grading(tiny, real_frame, backend):
+    """build_pipeline opens a one-thread engine for the preview: it runs while the grading engine is busy."""
+    import threading
+
+    if not _available(backend):
+        pytest.skip(f"{backend} is not installed")
+    from cyto_edge.runtime.pipeline import build_pipeline
+
+    pipe = build_pipeline(tiny, backend=backend, threads=1, camera_um_per_px=1.0)
+    assert pipe.preview_engine is not None and pipe.preview_engine is not pipe.engine
+    frame = real_frame(640, 480)
+    busy = threading.Lock()
+    real = pipe.engine.infer
+    pipe.engine.infer = lambda x: (busy.acquire(), busy.release(), real(x))[2]   # grading stalls while held
+    done = threading.Event()
+    with busy, (pipe._lock or threading.Lock()):                  # the grading engine (and its lock) taken
+        threading.Thread(target=lambda: (pipe.preview(frame), done.set()), daemon=True).start()
+        assert done.wait(30), "the preview waited for the grading engine"
+    assert len(pipe.detect(frame)) >= 0
+    pipe.close()
+    assert build_pipeline(tiny, backend=backend, threads=1, preview_engine=False).preview_engine is None

@@ -79,7 +79,7 @@ def calibrate_bundle(bundle_path: Path, data: Path, *, target_recall: float, cla
         ds = ds.subset(range(min(max_images, len(ds))))
     gt = ground_truth(ds, b.classes)
     pipe = build_pipeline(b, backend=engine, threads=threads, camera_um_per_px=ds.um_per_px, stages=False,
-                          count=False)
+                          count=False, preview_engine=False)
     pp = b.manifest.postprocess
     cfg = PostProcess(score_threshold=CALIB_SCORE, nms_iou=pp.nms_iou, max_detections=pp.max_detections,
                       pre_nms_topk=pp.pre_nms_topk)

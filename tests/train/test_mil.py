@@ -248,3 +248,23 @@ def test_mil_and_oicr_learn_to_localise_from_image_labels_alone():
         q = head.refined_probs(h)                                                       # (200, R, C+1)
         found = [int(q[i, :, int(y[i].argmax()) + 1].argmax()) == j for i, j in enumerate(planted) if j >= 0]
     assert np.mean(found) > 0.8, np.mean(found)
+
+
+def test_local_distillation_and_mil_train_together(weak_synth, tmp_path):
+    """L = MultiBox + L_dis + L_cls + L_ref: a `distill` recipe with both sections builds both components."""
+    from cyto_edge.train.components import build_components
+    from cyto_edge.train.config import load_config
+    from cyto_edge.train.distill import LocalDistillation
+    from cyto_edge.train.loop import Trainer
+    from cyto_edge.train.mil import MilComponent
+
+    fast = _fast(weak_synth, tmp_path, "t", steps=2) + ["model.name=tiny", "model.kwargs={}", "data.val_fraction=0"]
+    teacher = Trainer(load_config("tiny", [s for s in fast if not s.startswith("mil.")])).run()["last"]
+    cfg = load_config("student_ld_mil", _fast(weak_synth, tmp_path, "s", steps=2)
+                      + ["model.name=tiny", "model.kwargs={width: 8}", "data.val_fraction=0", f"distill.teacher={teacher}"])
+    comps = build_components(cfg)
+    assert [type(c) for c in comps] == [LocalDistillation, MilComponent]
+    Trainer(cfg, components=comps).run()
+    header = (tmp_path / "s" / "metrics.csv").read_text().splitlines()[0]
+    for col in ("train_multibox", "train_ld_fea", "train_ld_att", "train_mil_cls", "train_mil_ref"):
+        assert col in header, col

@@ -21,7 +21,7 @@ import typer
 # Extras of pyproject.toml -> the import names that stand for them (presence checked with find_spec).
 EXTRAS: dict[str, list[str]] = {
     "runtime": ["numpy", "cv2", "onnxruntime", "pydantic", "yaml", "typer", "rich", "fastapi", "uvicorn",
-                "psutil"],
+                "jinja2", "psutil"],
     "train": ["torch", "torchvision", "pycocotools", "tensorboard", "matplotlib"],
     "export": ["onnx", "onnxscript", "onnxruntime", "onnxslim", "openvino"],
     "openvino": ["openvino"],

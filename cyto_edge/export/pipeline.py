@@ -183,8 +183,6 @@ def export_bundle(ckpt_path: str | Path, opts: ExportOptions, console=None, show
     from cyto_edge.train.mil import inference_model_from_checkpoint
 
     precision = opts.resolved_precision()
-    if opts.target == "rpi":
-        precision = "int8"
     torch.set_num_threads(max(1, opts.threads))
     ck = load_checkpoint(ckpt_path)
     model = inference_model_from_checkpoint(ck)
@@ -208,12 +206,18 @@ def export_bundle(ckpt_path: str | Path, opts: ExportOptions, console=None, show
         quality = _gate(out, m, ck, model, val_ds, opts, steps)
     m.provenance["export"] = {"target": opts.target, "precision": precision, "data": data_src,
                               "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
-                              "command": shlex.join(["cyto-edge", *sys.argv[1:]]) if sys.argv else None}
+                              "command": _command()}
     write_manifest(out, m)
     summary = _summary(out, m, quality)
     if check:
         raise_failures(summary)
     return summary
+
+
+def _command() -> str | None:
+    """The command line, when export runs as `cyto-edge export` (not from Python)."""
+    argv = sys.argv or [""]
+    return shlex.join(["cyto-edge", *argv[1:]]) if Path(argv[0]).name == "cyto-edge" else None
 
 
 def _gate(out: Path, m, ck, model, val_ds, opts: ExportOptions, steps: Steps) -> dict:

@@ -198,7 +198,8 @@ class CellViT(nn.Module):
 
 
 class CellEncoder(nn.Module):
-    """CNN on cell crops: (n, 3, S, S) -> (x (n, d_f) GAP of stage 5, stage-4 map (n, d_c, S/8, S/8))."""
+    """CNN on cell crops: (n, 3, S, S) -> (x (n, d_f) GAP of stage 5, stage-4 map (n, d_c, h, w));
+    h = S/8 with the small stem, S/16 with the imagenet stem."""
 
     def __init__(self, cfg: GraderConfig):
         super().__init__()

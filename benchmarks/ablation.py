@@ -20,107 +20,21 @@ from __future__ import annotations
 
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from _cache import cached, canonical
 from _common import emit, parser
+from _detection import NOISE, evaluate, mean_std, noisy_synth, overrides, teacher_checkpoint, train
 
 ROWS = {"student": ("student_cpu", False), "+LD": ("student_ld", True), "+MIL": ("student_mil", False),
         "+LD+MIL": ("student_ld_mil", True), "teacher": ("teacher_cpu", False)}
-NOISE = {"drop": 0.3, "jitter": 0.1, "weak_fraction": 0.3}
 
 
 def settings(small: bool) -> dict:
     if small:
         return dict(images=240, size=512, test_fraction=0.35, step_scale=0.25, teacher_seeds=1)
     return dict(images=400, size=512, test_fraction=0.3, step_scale=1.0, teacher_seeds=None)
-
-
-def noisy_synth(st: dict) -> Path:
-    key = {"what": "ablation_synth", "images": st["images"], "size": st["size"], "seed": 0,
-           "test_fraction": st["test_fraction"], **NOISE}
-
-    def build(d: Path) -> None:
-        from cyto_edge.cli import main
-
-        rc = main(["synth", str(d / "synth"), "--images", str(st["images"]), "--size", str(st["size"]), "--seed", "0",
-                   "--test-fraction", str(st["test_fraction"]), "--no-slide", "--json", "--weak-fraction",
-                   str(NOISE["weak_fraction"]), "--label-noise", f"drop={NOISE['drop']},jitter={NOISE['jitter']}"])
-        if rc:
-            raise SystemExit(f"cyto-edge synth failed with exit code {rc}")
-
-    return cached(key, build, kind="data") / "synth"
-
-
-def overrides(recipe: str, data: Path, seed: int, scale: float, threads: int, out: Path, teacher: Path | None):
-    """--set overrides: data, seed, no validation split, the recipe's steps x scale in one epoch."""
-    from cyto_edge.train.config import load_config
-
-    base = load_config(recipe, [f"data.root={data}"])
-    steps = max(1, round(base.total_steps * scale))
-    sets = [f"data.root={data}", "data.val_fraction=0", f"seed={seed}", "schedule.epochs=1",
-            f"schedule.steps_per_epoch={steps}", f"threads={threads}", "workers=0", "tensorboard=false",
-            f"out_dir={out}", f"name={recipe}-{seed}"]
-    if teacher is not None:
-        sets.append(f"distill.teacher={teacher}")
-    return sets, steps
-
-
-def train(recipe: str, sets: list[str]) -> tuple[Path, float]:
-    from cyto_edge.train.components import build_components
-    from cyto_edge.train.config import load_config
-    from cyto_edge.train.loop import Trainer
-
-    cfg = load_config(recipe, sets)
-    t0 = time.monotonic()
-    res = Trainer(cfg, components=build_components(cfg)).run()
-    return Path(res["last"]), time.monotonic() - t0
-
-
-def evaluate(ckpt: Path, data: Path, threads: int, out: Path) -> dict:
-    """Export an fp32 bundle and evaluate it on the clean test split through the runtime. A bundle with a
-    MIL output is evaluated twice: as exported, and with its re-scoring weight set to 0 (a copy), which
-    separates what re-scoring adds from what the MIL losses and pseudo-boxes did to the SSD itself."""
-    import shutil
-
-    from cyto_edge.export.bundle_writer import export_fp32_bundle
-    from cyto_edge.runtime.bundle import Bundle
-    from cyto_edge.runtime.evaluate import evaluate_bundle_cli
-
-    bundle = export_fp32_bundle(ckpt, out / f"{ckpt.parent.name}.cytobundle")
-    r = evaluate_bundle_cli(bundle, data, split="test", level="box", engine="onnxruntime", threads=threads)
-    res = {"map50": float(r.get("map50") or 0.0), "map": float(r.get("map") or 0.0), "bundle": str(bundle)}
-    b = Bundle.open(bundle)
-    if b.manifest.output.mil is not None:
-        plain = Path(shutil.copytree(bundle, out / f"{ckpt.parent.name}.no_rescore.cytobundle", dirs_exist_ok=True))
-        bp = Bundle.open(plain)
-        bp.manifest.output.mil.weight = 0.0
-        bp.save()
-        r0 = evaluate_bundle_cli(plain, data, split="test", level="box", engine="onnxruntime", threads=threads)
-        res["map50_no_rescore"] = float(r0.get("map50") or 0.0)
-    return res
-
-
-def teacher_checkpoint(data: Path, st: dict, threads: int) -> Path:
-    """The seed-0 teacher, shared through the checkpoint cache (benchmarks/_cache.py)."""
-    from cyto_edge.train.config import CONFIG_DIR
-
-    scale = st["step_scale"]
-    key = {"what": "ablation_teacher", "recipe": (CONFIG_DIR / "teacher_cpu.yaml").read_text(), "data": str(data),
-           "step_scale": scale, "seed": 0}
-
-    def build(d: Path) -> None:
-        sets, _ = overrides("teacher_cpu", data, 0, scale, threads, d / "runs", None)
-        last, secs = train("teacher_cpu", sets)
-        (d / "teacher.pt").write_bytes(last.read_bytes())
-        (d / "train_seconds.txt").write_text(f"{secs:.1f}")
-        (d / "command.txt").write_text("cyto-edge train teacher_cpu " + " ".join(f"--set {s}" for s in sets))
-
-    print(f"[ablation] teacher: cache key {canonical({k: v for k, v in key.items() if k != 'recipe'})}", file=sys.stderr)
-    return cached(key, build) / "teacher.pt"
 
 
 def run_row(row: str, seeds: list[int], data: Path, st: dict, threads: int, tmp: Path, teacher: Path | None) -> list[dict]:
@@ -142,11 +56,6 @@ def run_row(row: str, seeds: list[int], data: Path, st: dict, threads: int, tmp:
     return out
 
 
-def mean_std(v: list[float]) -> dict:
-    a = np.asarray(v, np.float64)
-    return {"mean": round(float(a.mean()), 4), "std": round(float(a.std()), 4), "per_seed": [round(float(x), 4) for x in a]}
-
-
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime threads.")
@@ -164,7 +73,7 @@ def main() -> None:
         raise SystemExit(f"--rows: unknown {', '.join(sorted(unknown))} (choose from {', '.join(ROWS)})")
     data = noisy_synth(st)
     needs = any(ROWS[r][1] or r == "teacher" for r in rows)
-    teacher = teacher_checkpoint(data, st, args.threads) if needs else None
+    teacher = teacher_checkpoint(data, st, args.threads, tag="ablation") if needs else None
     tmp = Path(tempfile.mkdtemp(prefix="ablation-"))
     info = {"fields": st["images"], "field_px": st["size"], "noise": NOISE, "step_scale": st["step_scale"],
             "data": str(data), "teacher": str(teacher)}

@@ -97,8 +97,9 @@ def run_demo(out: str | Path, size: DemoSize, *, console, force: bool = False, t
     steps.done(rec, f"session of {res['report']['n_fovs']} FOVs, worst grade {res['report']['worst_grade']}")
 
     res["seconds"] = round(time.monotonic() - t0, 1)
-    res["steps"] = [{"key": r.key, "title": r.title, "seconds": r.seconds, "exit_code": r.exit_code,
-                     "command": r.command, "log": r.log, "result": r.result} for r in steps.records]
+    res["steps"] = [{"key": r.key, "title": r.title, "seconds": r.seconds, "cpu_seconds": r.cpu_seconds,
+                     "exit_code": r.exit_code, "command": r.command, "log": r.log, "result": r.result}
+                    for r in steps.records]
     res["outputs"] = {"report": str(p.report), "video": str(p.video), "pr_curves": str(p.pr_curves),
                       "bundle": str(p.bundle), "fovs": str(p.fovs), "logs": str(p.logs), "summary": str(p.summary)}
     p.summary.write_text(json.dumps(res, indent=2, default=str))

@@ -35,7 +35,8 @@ class StepRecord:
     title: str
     command: str
     log: str
-    seconds: float = 0.0
+    seconds: float = 0.0             # wall clock
+    cpu_seconds: float = 0.0         # user + system time of the step's process (load-independent)
     exit_code: int | None = None
     result: str = ""
     extra: dict = field(default_factory=dict)
@@ -79,6 +80,14 @@ def error_line(log: Path) -> str:
     return last_line(log, 300)
 
 
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of the finished child processes so far."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 class StepRunner:
     def __init__(self, logs: Path, console, *, expect_s: dict | None = None, threads: int = 2):
         self.logs, self.console = Path(logs), console
@@ -97,9 +106,14 @@ class StepRunner:
         self.records.append(rec)
         with open(log, "w") as f:
             f.write(f"$ {rec.command}\n\n")
-        t0 = time.monotonic()
-        rec.exit_code = self._execute(argv, log, self.label(key, title), self.expect_s.get(key))
+        t0, r0 = time.monotonic(), _children_cpu()
+        try:
+            rec.exit_code = self._execute(argv, log, self.label(key, title), self.expect_s.get(key))
+        except KeyboardInterrupt:
+            self.console.print(f"[yellow]interrupted[/] during {self.label(key, title)}; its output is in {log}")
+            raise
         rec.seconds = round(time.monotonic() - t0, 1)
+        rec.cpu_seconds = round(_children_cpu() - r0, 1)
         if rec.exit_code not in ok_codes:
             raise self.failed(rec)
         return rec

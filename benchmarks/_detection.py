@@ -7,6 +7,7 @@ are overridden: the learning recipe itself is the shipped one, so the benchmarks
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import sys
@@ -31,9 +32,11 @@ def noisy_synth(st: dict) -> Path:
     def build(d: Path) -> None:
         from cyto_edge.cli import main
 
-        rc = main(["synth", str(d / "synth"), "--images", str(st["images"]), "--size", str(st["size"]), "--seed", "0",
-                   "--test-fraction", str(st["test_fraction"]), "--no-slide", "--json", "--weak-fraction",
-                   str(NOISE["weak_fraction"]), "--label-noise", f"drop={NOISE['drop']},jitter={NOISE['jitter']}"])
+        with contextlib.redirect_stdout(sys.stderr):   # stdout carries only the result lines
+            rc = main(["synth", str(d / "synth"), "--images", str(st["images"]), "--size", str(st["size"]),
+                       "--seed", "0", "--test-fraction", str(st["test_fraction"]), "--no-slide", "--json",
+                       "--weak-fraction", str(NOISE["weak_fraction"]),
+                       "--label-noise", f"drop={NOISE['drop']},jitter={NOISE['jitter']}"])
         if rc:
             raise SystemExit(f"cyto-edge synth failed with exit code {rc}")
 
@@ -44,7 +47,8 @@ def clean_synth(st: dict) -> Path:
     """A `cyto-edge synth` set with exact labels in both splits (seed 0, 1 µm/px), shared by key."""
     from _multicell import synth_dir
 
-    return synth_dir(st["images"], st["size"], seed=0, um_per_px=1.0, test_fraction=st["test_fraction"])
+    with contextlib.redirect_stdout(sys.stderr):       # the synth summary (on a cache miss) is not a result
+        return synth_dir(st["images"], st["size"], seed=0, um_per_px=1.0, test_fraction=st["test_fraction"])
 
 
 # -------------------------------------------------------------------------------------- training

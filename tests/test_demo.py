@@ -94,7 +94,7 @@ def test_gate_result_decides_the_precision(demo):
     manifest = json.loads((out / "demo.cytobundle" / "manifest.json").read_text())
     assert manifest["quality"]["gate"]["passed"] is ex["gate_passed"]
     passed = {r["precision"]: r["passed"] for r in ex["files"].values()}
-    assert ex["run_precision"] == ("int8" if passed["int8-qdq"] or not passed["fp32"] else "fp32")
+    assert ex["run_precision"] == ("int8" if passed["int8-qdq"] else "fp32")
     assert res["test"]["precision"] == ex["run_precision"]
     if not ex["gate_passed"]:      # refused: said plainly, and the demo went on
         assert "gate FAILED" in shown and "the demo goes on with its" in shown and ex["failed"]

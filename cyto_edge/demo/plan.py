@@ -55,24 +55,24 @@ QUICK = DemoSize(
     name="quick", images=24, image_size=768, label_noise="drop=0.2,jitter=0.1", weak_fraction=0.25,
     test_fraction=0.2, slide_size="2048x1536", stops=4, synth_workers=1,
     val_fraction=0.2, val_images=4,
-    teacher_recipe="tiny", teacher_model=None, teacher_steps=60, teacher_epochs=1, teacher_batch=8,
-    student_recipe="student_ld_mil", student_model="tiny", student_steps=60, student_epochs=1, student_batch=8,
-    bag_proposals=200,
+    teacher_recipe="tiny", teacher_model=None, teacher_steps=40, teacher_epochs=1, teacher_batch=8,
+    student_recipe="student_ld_mil", student_model="tiny", student_steps=40, student_epochs=1, student_batch=8,
+    bag_proposals=100,
     calib_images=8, gate_images=4, target_recall=0.9, test_images=None,
-    expect_s={"synth": 6, "split": 2, "teacher": 25, "student": 40, "export": 20, "calibrate": 10,
-              "evaluate": 8, "run": 10, "report": 12},
+    expect_s={"synth": 5, "split": 1, "teacher": 20, "student": 40, "export": 30, "calibrate": 6,
+              "evaluate": 8, "run": 9, "report": 8},
 )
 
 FULL = DemoSize(
     name="full", images=64, image_size=1024, label_noise="drop=0.2,jitter=0.1", weak_fraction=0.3,
     test_fraction=0.2, slide_size="3072x2304", stops=8, synth_workers=2,
     val_fraction=0.1, val_images=8,
-    teacher_recipe="teacher_cpu", teacher_model=None, teacher_steps=160, teacher_epochs=2, teacher_batch=8,
-    student_recipe="student_ld_mil", student_model=None, student_steps=300, student_epochs=3, student_batch=16,
+    teacher_recipe="teacher_cpu", teacher_model=None, teacher_steps=160, teacher_epochs=1, teacher_batch=8,
+    student_recipe="student_ld_mil", student_model=None, student_steps=300, student_epochs=2, student_batch=16,
     bag_proposals=None,
     calib_images=32, gate_images=8, target_recall=0.9, test_images=None,
-    expect_s={"synth": 40, "split": 3, "teacher": 210, "student": 300, "export": 60, "calibrate": 20,
-              "evaluate": 20, "run": 25, "report": 30},
+    expect_s={"synth": 15, "split": 2, "teacher": 140, "student": 400, "export": 60, "calibrate": 20,
+              "evaluate": 20, "run": 25, "report": 25},
 )
 
 SIZES = {"quick": QUICK, "full": FULL}

@@ -67,12 +67,12 @@ FULL = DemoSize(
     name="full", images=64, image_size=1024, label_noise="drop=0.2,jitter=0.1", weak_fraction=0.3,
     test_fraction=0.2, slide_size="3072x2304", stops=8, synth_workers=2,
     val_fraction=0.1, val_images=8,
-    teacher_recipe="teacher_cpu", teacher_model=None, teacher_steps=160, teacher_epochs=1, teacher_batch=8,
-    student_recipe="student_ld_mil", student_model=None, student_steps=300, student_epochs=2, student_batch=16,
+    teacher_recipe="teacher_cpu", teacher_model=None, teacher_steps=100, teacher_epochs=1, teacher_batch=8,
+    student_recipe="student_ld_mil", student_model=None, student_steps=170, student_epochs=1, student_batch=8,
     bag_proposals=None,
-    calib_images=32, gate_images=8, target_recall=0.9, test_images=None,
-    expect_s={"synth": 15, "split": 2, "teacher": 140, "student": 400, "export": 60, "calibrate": 20,
-              "evaluate": 20, "run": 25, "report": 25},
+    calib_images=32, gate_images=8, target_recall=0.9, test_images=8,
+    expect_s={"synth": 10, "split": 1, "teacher": 165, "student": 340, "export": 50, "calibrate": 12,
+              "evaluate": 20, "run": 16, "report": 10},
 )
 
 SIZES = {"quick": QUICK, "full": FULL}

@@ -55,49 +55,63 @@ def report(profile: Path = typer.Option(...), html: Path = typer.Option(...),
     print(f"report: {html} ({session['summary']['n_fovs']} FOVs, worst grade {session['summary']['worst_grade']})")
 
 
+class _Http:
+    """A few GET / POST requests to the daemon on loopback (the standard library: no extra dependency)."""
+
+    def __init__(self, base: str):
+        self.base = base
+
+    def request(self, path: str, method: str = "GET") -> bytes:
+        import urllib.request
+
+        req = urllib.request.Request(self.base + path, method=method, data=b"" if method == "POST" else None)
+        with urllib.request.urlopen(req, timeout=60) as r:     # raises HTTPError on 4xx / 5xx
+            return r.read()
+
+    def json(self, path: str, method: str = "GET"):
+        return json.loads(self.request(path, method))
+
+
 def _grade_one_pass(d, timeout: float) -> dict:
     """Wait until the source has ended once (its FOVs graded and stored), close the session, read it back."""
-    import httpx
-
     from cyto_edge.errors import CheckFailed
 
-    svc = d.service
-    with httpx.Client(base_url=d.url, timeout=60) as c:
-        sid = c.get("/api/sessions/current").raise_for_status().json()["id"]
-        seen_runner, t0 = False, time.monotonic()
-        while True:
-            seen_runner = seen_runner or svc.runner is not None
-            if seen_runner and svc.runner is None and svc.camera_state == "ended":
-                break
-            if svc.engine_state == "error":
-                raise CheckFailed(f"the daemon cannot load the bundle: {svc.engine_error}")
-            if time.monotonic() - t0 > timeout:
-                raise CheckFailed(f"the slide was not graded within {timeout:.0f} s")
-            time.sleep(0.05)
-        c.post(f"/api/sessions/{sid}/stop").raise_for_status()
-        page = c.get(f"/sessions/{sid}/report").raise_for_status().text
-        out = c.get(f"/api/sessions/{sid}").raise_for_status().json()
-        out["fovs"] = c.get(f"/api/sessions/{sid}/fovs", params={"limit": 1000}).raise_for_status().json()["fovs"]
-        out["gallery"] = c.get(f"/api/sessions/{sid}/gallery", params={"n": 12}).raise_for_status().json()["cells"]
-        out["html"] = standalone(page, c)
+    svc, c = d.service, _Http(d.url)
+    sid = c.json("/api/sessions/current")["id"]
+    seen_runner, t0 = False, time.monotonic()
+    while True:
+        seen_runner = seen_runner or svc.runner is not None
+        if seen_runner and svc.runner is None and svc.camera_state == "ended":
+            break
+        if svc.engine_state == "error":
+            raise CheckFailed(f"the daemon cannot load the bundle: {svc.engine_error}")
+        if time.monotonic() - t0 > timeout:
+            raise CheckFailed(f"the slide was not graded within {timeout:.0f} s")
+        time.sleep(0.05)
+    c.json(f"/api/sessions/{sid}/stop", "POST")       # before the source reopens and grades a second pass
+    page = c.request(f"/sessions/{sid}/report").decode()
+    out = c.json(f"/api/sessions/{sid}")
+    out["fovs"] = c.json(f"/api/sessions/{sid}/fovs?limit=1000")["fovs"]
+    out["gallery"] = c.json(f"/api/sessions/{sid}/gallery?n=12")["cells"]
+    out["html"] = standalone(page, c)
     out["url_path"] = f"/sessions/{sid}/report"
     out["graded_in_pass"] = svc.totals["fovs_graded"]
     out["unsaved"] = svc.fovs_unsaved
     return out
 
 
-def standalone(page: str, client) -> str:
+def standalone(page: str, client: _Http) -> str:
     """The page with its style sheet and images inlined and its links to other pages removed, so that the
     file opens anywhere."""
     def style(m: re.Match) -> str:
-        css = client.get(m.group(1)).raise_for_status().text
-        return f"<style>\n{css}\n</style>"
+        return f"<style>\n{client.request(m.group(1)).decode()}\n</style>"
 
     def image(m: re.Match) -> str:
-        r = client.get(m.group(1))
-        if r.status_code != 200:
+        try:
+            data = client.request(m.group(1))
+        except OSError:          # a crop deleted by retention: the page shows an empty image
             return 'src=""'
-        return f'src="data:image/jpeg;base64,{base64.b64encode(r.content).decode()}"'
+        return f'src="data:image/jpeg;base64,{base64.b64encode(data).decode()}"'
 
     page = re.sub(r'<link rel="stylesheet" href="(/static/[^"]+)">', style, page)
     page = re.sub(r'src="(/api/[^"]+)"', image, page)

@@ -19,6 +19,8 @@ reference implementation on this data? (It does not measure full-field, tiled ac
 from __future__ import annotations
 
 import math
+import shutil
+import tempfile
 import time
 
 import numpy as np
@@ -57,8 +59,6 @@ def score(gts, preds, classes) -> dict:
 
 
 def run(which: str, data, seed: int, minutes: float, threads: int) -> dict:
-    import tempfile
-
     import torch
     from torch.utils.data import DataLoader
 
@@ -116,6 +116,7 @@ def run(which: str, data, seed: int, minutes: float, threads: int) -> dict:
             last = tr.train_step(batch)["total"]
         steps += 1
     train_s = time.perf_counter() - t0
+    shutil.rmtree(tmp, ignore_errors=True)              # nothing of the run is kept: the figures are the result
     model.eval()
     preds = []
     with torch.no_grad():

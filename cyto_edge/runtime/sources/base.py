@@ -6,6 +6,7 @@ is reconnecting with back-off), "ended" (end of a file / folder, or closed). Cou
 """
 from __future__ import annotations
 
+import abc
 import threading
 import time
 from typing import Callable
@@ -72,7 +73,7 @@ def coerce(name: str, value, kind: type):
         raise BadInput(f"source option {name}={value!r}: must be {kind.__name__}") from None
 
 
-class SourceBase:
+class SourceBase(abc.ABC):
     """State, counters, frame conversion and context management for the concrete sources."""
 
     uri: str = ""
@@ -155,5 +156,6 @@ class SourceBase:
                 return
             yield f
 
-    def read(self) -> Frame | None:  # pragma: no cover - every source implements it
-        raise NotImplementedError
+    @abc.abstractmethod
+    def read(self) -> Frame | None:
+        """The next frame, or None when the source has ended (a file or folder) or was closed."""

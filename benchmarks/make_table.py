@@ -42,6 +42,17 @@ def fmt(value) -> str:
     return str(value)
 
 
+#: Keys of a result's "extra" that name its variant (the row of a paper's table, the engine and file, ...).
+VARIANT_KEYS = ("row", "config", "arm", "arch", "engine", "file")
+
+
+def label(result: dict) -> str:
+    """`classifier (se+sam)`: the benchmark and, when its extra names one, the variant it measured."""
+    extra = result.get("extra") or {}
+    parts = [str(extra[k]) for k in VARIANT_KEYS if isinstance(extra.get(k), (str, int)) and extra.get(k) != ""]
+    return f"{result['benchmark']} ({', '.join(parts)})" if parts else result["benchmark"]
+
+
 def table(report: dict) -> str:
     """Markdown: a line about the machine, the table, then the failures if any."""
     m = report.get("machine", {})
@@ -54,7 +65,7 @@ def table(report: dict) -> str:
     for r in report.get("results", []):
         cmd = short_command(r.get("command", ""))
         for name, value in r.get("figures", {}).items():
-            lines.append(f"| {r['benchmark']} | {name} | {fmt(value)} | `{cmd}` |")
+            lines.append(f"| {label(r)} | {name} | {fmt(value)} | `{cmd}` |")
     if not report.get("results"):
         lines.append("| (no results) | | | |")
     fails = report.get("failures", [])

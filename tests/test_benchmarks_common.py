@@ -221,6 +221,11 @@ def test_make_table_rewrites_only_the_readme_block(tmp_path):
     text = readme.read_text()
     assert "old table" not in text and text.startswith("# T\nbefore\n") and text.endswith("after\n")
     assert "| decode | ms_p50 | 0.4123 | `python benchmarks/decode.py --small` |" in text
+    report["results"].append({"benchmark": "classifier", "figures": {"accuracy": 0.8}, "extra": {"row": "se+sam"},
+                              "command": f"{sys.executable} {BENCH}/classifier.py --small"})
+    res.write_text(json.dumps(report))
+    assert make_table.main([str(res), "--write-readme", "--readme", str(readme)]) == 0
+    assert "| classifier (se+sam) | accuracy | 0.8 |" in readme.read_text()
     readme.write_text("no markers\n")
     assert make_table.main([str(res), "--write-readme", "--readme", str(readme)]) == 2
 

@@ -13,8 +13,9 @@ through the runtime (ONNX Runtime, tiled as on the device, MIL re-scoring applie
 Figures: mAP@0.5 (and mAP@[.5:.95]) mean ± std over seeds; the ordering checks of the paper (+ MIL beats
 the student, + LD + MIL is the best student row), counted only when the teacher reaches 0.5 mAP@0.5.
 
-Steps: the recipes' own (epochs x steps_per_epoch), multiplied by --step-scale (--small: 0.25 and the
-teacher row with its seed 0 only). Full: 400 fields of 512 px; --small: 240.
+Steps: the recipes' own (epochs x steps_per_epoch), multiplied by --step-scale (--small: 0.25, and one
+seed per row, seed 0, unless --seeds is given, so that run_all stays within its hour). Full: 400 fields
+of 512 px; --small: 240.
 """
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ ROWS = {"student": ("student_cpu", False), "+LD": ("student_ld", True), "+MIL": 
 
 def settings(small: bool) -> dict:
     if small:
-        return dict(images=240, size=512, test_fraction=0.35, step_scale=0.25, teacher_seeds=1)
-    return dict(images=400, size=512, test_fraction=0.3, step_scale=1.0, teacher_seeds=None)
+        return dict(images=240, size=512, test_fraction=0.35, step_scale=0.25, teacher_seeds=1, seeds=1)
+    return dict(images=400, size=512, test_fraction=0.3, step_scale=1.0, teacher_seeds=None, seeds=None)
 
 
 def run_row(row: str, seeds: list[int], data: Path, st: dict, threads: int, tmp: Path, teacher: Path | None) -> list[dict]:
@@ -63,6 +64,7 @@ def main() -> None:
     p.add_argument("--rows", default=",".join(ROWS), help=f"Comma-separated rows (default all: {','.join(ROWS)}).")
     p.set_defaults(seeds=[0, 1, 2])
     args = p.parse_args()
+    args.seeds_given = any(a == "--seeds" or a.startswith("--seeds=") for a in sys.argv[1:])
     torch.set_num_threads(args.threads)
     st = settings(args.small)
     if args.step_scale is not None:
@@ -79,7 +81,8 @@ def main() -> None:
             "data": str(data), "teacher": str(teacher)}
     results: dict[str, list[dict]] = {}
     for row in rows:
-        seeds = args.seeds[: st["teacher_seeds"]] if row == "teacher" and st["teacher_seeds"] else args.seeds
+        keep = st["teacher_seeds"] if row == "teacher" else st["seeds"]
+        seeds = args.seeds[:keep] if keep and not args.seeds_given else args.seeds
         results[row] = run_row(row, seeds, data, st, args.threads, tmp, teacher)
         rs = results[row]
         figures = {"map50": mean_std([r["map50"] for r in rs]), "map": mean_std([r["map"] for r in rs]),

@@ -93,7 +93,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     st = settings(args.small)
-    data, ckpt, train = trained_student(st)   # trained with 1 thread (shared machine)
+    data, ckpt, train = trained_student(st, threads=args.threads)
     out = Path(tempfile.mkdtemp(prefix="export-bench-")) / "student.cytobundle"
     summary = export(ckpt, data, out, args.calib_method, args.threads)
     add_u8_variant(out, data, args.calib_method)

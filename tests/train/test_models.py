@@ -60,3 +60,19 @@ def test_priors_follow_eq4_corrected():
     assert first[2, 2:] == pytest.approx([0.2 * np.sqrt(2), 0.2 / np.sqrt(2)])
     assert first[3, 2:] == pytest.approx([0.2 / np.sqrt(2), 0.2 * np.sqrt(2)])
     assert len(pri) == (16 + 4 + 1) * 4
+
+
+@pytest.mark.parametrize("name,p", [("tiny", 0.99), ("ssd320_resnet18", 0.95)])
+def test_head_starts_out_predicting_background(name, p):
+    """The classification bias makes every prior start at P(background) ~ p, whatever the head type
+    (SSDLite's depthwise branches and SSD's plain convolutions) and whatever the input."""
+    torch.manual_seed(0)
+    m = create_model(name, num_classes=11, input_size=128, background_prior=p).eval()
+    with torch.no_grad():
+        _, logits = m(torch.randn(2, 3, 128, 128))
+    bg = logits.softmax(-1)[..., 0]
+    assert abs(float(bg.median()) - p) < 0.05, float(bg.median())
+    plain = create_model(name, num_classes=11, input_size=128, background_prior=None).eval()
+    with torch.no_grad():
+        _, logits = plain(torch.randn(2, 3, 128, 128))
+    assert float(logits.softmax(-1)[..., 0].median()) < 0.5     # torchvision's own init: near 1/12

@@ -19,6 +19,8 @@ Registered models (GFLOPs at their default input, measured by `model_info`, see 
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -45,9 +47,26 @@ class ModelSpec:
     kwargs: dict = field(default_factory=dict)
 
 
+#: Initial probability of "background" at every prior (None: torchvision's zero bias, 1/(C+1) each).
+BACKGROUND_PRIOR: float | None = 0.99
+
+
+def init_background_prior(module_list: nn.ModuleList, num_logits: int, p: float) -> None:
+    """Bias the last convolution of each classification branch so that every prior starts out predicting
+    background with probability p (the prior-probability initialisation of RetinaNet, Lin et al. 2017,
+    for a softmax over C+1 logits). Nearly every prior is background, so a head that starts uniform spends
+    its first hundreds of steps learning just that; with this bias it starts there."""
+    b = math.log(p * (num_logits - 1) / (1.0 - p))
+    for m in module_list:
+        conv = [c for c in m.modules() if isinstance(c, nn.Conv2d)][-1]
+        with torch.no_grad():
+            conv.bias.view(-1, num_logits)[:, 0] = b
+
+
 class SSDDetector(nn.Module):
     def __init__(self, spec: ModelSpec, backbone: nn.Module, head: str, s_min: float, s_max: float,
-                 aspect_ratios: list[list[float]] | None = None, scales: list[float] | None = None):
+                 aspect_ratios: list[list[float]] | None = None, scales: list[float] | None = None,
+                 background_prior: float | None = BACKGROUND_PRIOR):
         super().__init__()
         self.spec = spec
         self.backbone = backbone
@@ -71,6 +90,8 @@ class SSDDetector(nn.Module):
             self.head = SSDLiteHead(chans, anchors, K, partial(nn.BatchNorm2d, eps=0.001, momentum=0.03))
         else:
             raise ValueError(f"unknown head {head!r}")
+        if background_prior:
+            init_background_prior(self.head.classification_head.module_list, K, background_prior)
         pri = make_priors(self.prior_spec)
         self.register_buffer("priors", torch.from_numpy(pri), persistent=False)
         self.variances = VARIANCES

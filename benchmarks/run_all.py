@@ -105,17 +105,23 @@ def run_all(scripts: list[Path], out: Path, timeout: float, budget: float, small
             continue
         print(f"[run_all] {script.stem} (timeout {min(timeout, left):.0f} s)", flush=True)
         r = run_one(script, min(timeout, left), out.parent / "logs" / f"{script.stem}.log", small)
-        report["runs"].append({k: r[k] for k in ("benchmark", "status", "seconds", "returncode", "log")})
+        report["runs"].append({**{k: r[k] for k in ("benchmark", "status", "seconds", "returncode", "log")},
+                               "result_lines": len(r["results"])})
         report["results"].extend(r["results"])
         if r["status"] != "ok":
             report["failures"].append({"benchmark": r["benchmark"], "reason": r["status"],
                                        "returncode": r["returncode"], "log_tail": _tail(Path(r["log"]))})
+        _write(report, out)             # after every benchmark: an interrupted run keeps what it measured
     report["finished"] = _now()
+    _write(report, out)
+    return report
+
+
+def _write(report: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=1))
     os.replace(tmp, out)
-    return report
 
 
 def summary(report: dict, out: Path) -> None:
@@ -125,13 +131,9 @@ def summary(report: dict, out: Path) -> None:
     t = Table(title=f"benchmarks -> {out}")
     for c in ("benchmark", "status", "seconds", "results"):
         t.add_column(c)
-    counts: dict[str, int] = {}
-    for r in report["results"]:
-        counts[r["benchmark"]] = counts.get(r["benchmark"], 0) + 1
-    for run in report["runs"]:
+    for run in report["runs"]:     # result lines per run (a benchmark may emit under several names: pipeline_*)
         style = "green" if run["status"] == "ok" else "red"
-        t.add_row(run["benchmark"], f"[{style}]{run['status']}[/]", f"{run['seconds']}",
-                  str(counts.get(run["benchmark"], 0)))
+        t.add_row(run["benchmark"], f"[{style}]{run['status']}[/]", f"{run['seconds']}", str(run["result_lines"]))
     for f in report["failures"]:
         if f["reason"].startswith("skipped"):
             t.add_row(f["benchmark"], f"[red]{f['reason']}[/]", "-", "0")

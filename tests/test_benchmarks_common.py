@@ -192,6 +192,7 @@ def test_run_all_records_results_and_failures(tmp_path):
     assert reasons == {"bad": "failed", "slow": "timeout", "silent": "no results"}
     assert "boom" in next(f for f in rep["failures"] if f["benchmark"] == "bad")["log_tail"]
     assert rep["machine"]["cpu"]["logical_cores"] == os.cpu_count()
+    assert {x["benchmark"]: x["result_lines"] for x in rep["runs"]} == {"bad": 0, "good": 2, "silent": 0, "slow": 0}
 
     table = subprocess.run([sys.executable, str(BENCH / "make_table.py"), str(out)], capture_output=True, text=True)
     assert table.returncode == 0

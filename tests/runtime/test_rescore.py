@@ -16,7 +16,7 @@ def _mil_detector(seed: int = 0, size: int = 128):
     from cyto_edge.train.models.mil_head import MilDetector, MilHead
 
     torch.manual_seed(seed)
-    m = create_model("tiny", num_classes=3, input_size=size).eval()
+    m = create_model("tiny", num_classes=3, input_size=size, background_prior=None).eval()  # scores spread out
     head = MilHead(m.backbone.out_channels[1], 3, roi_size=3, hidden=16, reduce=8, refine_stages=2).eval()
     return MilDetector(m, head, level=1, topk=20, rescore_weight=0.4).eval()
 

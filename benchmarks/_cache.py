@@ -4,8 +4,9 @@
                       lambda d: train(cfg, out=d / "model.pt"))
     model = ckpt_dir / "model.pt"
 
-The key is the sha256 of the canonical JSON of the config dict plus the cyto-edge version, so a changed
-recipe or a new release never reuses a stale artefact. `build_fn(tmp_dir)` writes into a fresh temporary
+The key is the sha256 of the canonical JSON of the config dict plus the cyto-edge version and a hash of
+the source that builds that kind of artefact (SOURCES), so a changed recipe, a changed model or loss, or a
+new release never reuses a stale artefact. `build_fn(tmp_dir)` writes into a fresh temporary
 directory beside the cache entry; on success the directory is renamed into place (atomic on one file
 system), so a reader never sees a half-written artefact and a failed build leaves nothing behind. An
 exclusive file lock per key makes a second benchmark that asks for the same artefact wait for the first
@@ -37,15 +38,35 @@ def canonical(key_dict: dict) -> str:
     return json.dumps(key_dict, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def key_hash(key_dict: dict) -> str:
+#: The packages whose source builds each kind of artefact: a change there (a new initialisation, a fixed
+#: loss, a different synth drawer) gives new keys, so a stale artefact of the same version is never reused.
+SOURCES = {"data": ("synth",), "ckpt": ("train", "synth"), "bundle": ("train", "export", "runtime", "synth")}
+
+
+def source_hash(packages: tuple[str, ...]) -> str:
+    """sha256 over the .py files of cyto_edge/<package> for each package (sorted paths and contents)."""
+    import cyto_edge
+
+    root = Path(cyto_edge.__file__).resolve().parent
+    h = hashlib.sha256()
+    for pkg in packages:
+        for f in sorted((root / pkg).rglob("*.py")):
+            h.update(str(f.relative_to(root)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def key_hash(key_dict: dict, kind: str | None = None) -> str:
     from cyto_edge import __version__
 
-    payload = canonical({"cyto_edge": __version__, "key": key_dict})
-    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+    payload = {"cyto_edge": __version__, "key": key_dict}
+    if kind in SOURCES:
+        payload["source"] = source_hash(SOURCES[kind])
+    return hashlib.sha256(canonical(payload).encode()).hexdigest()[:20]
 
 
 def entry_path(key_dict: dict, kind: str = "ckpt") -> Path:
-    return cache_root() / kind / key_hash(key_dict)
+    return cache_root() / kind / key_hash(key_dict, kind)
 
 
 @contextmanager

@@ -138,6 +138,13 @@ def test_version_is_part_of_the_key(monkeypatch):
     assert _cache.key_hash({"a": 1}) != h1
 
 
+def test_source_of_the_builder_is_part_of_the_key(monkeypatch):
+    base = _cache.key_hash({"a": 1}, "ckpt")
+    assert base == _cache.key_hash({"a": 1}, "ckpt") != _cache.key_hash({"a": 1})
+    monkeypatch.setattr(_cache, "source_hash", lambda pkgs: "changed-" + ",".join(pkgs))
+    assert _cache.key_hash({"a": 1}, "ckpt") != base
+
+
 CONCURRENT = """
 import sys, time
 from pathlib import Path

@@ -62,9 +62,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime threads.")
     p.add_argument("--step-scale", type=float, default=None, help="Multiply the recipes' steps (default: 1, --small 0.25).")
     p.add_argument("--rows", default=",".join(ROWS), help=f"Comma-separated rows (default all: {','.join(ROWS)}).")
-    p.set_defaults(seeds=[0, 1, 2])
+    p.set_defaults(seeds=None)                     # None: 0,1,2 (--small: the settings' count per row)
     args = p.parse_args()
-    args.seeds_given = any(a == "--seeds" or a.startswith("--seeds=") for a in sys.argv[1:])
     torch.set_num_threads(args.threads)
     st = settings(args.small)
     if args.step_scale is not None:
@@ -82,7 +81,7 @@ def main() -> None:
     results: dict[str, list[dict]] = {}
     for row in rows:
         keep = st["teacher_seeds"] if row == "teacher" else st["seeds"]
-        seeds = args.seeds[:keep] if keep and not args.seeds_given else args.seeds
+        seeds = args.seeds or [0, 1, 2][:keep or 3]
         results[row] = run_row(row, seeds, data, st, args.threads, tmp, teacher)
         rs = results[row]
         figures = {"map50": mean_std([r["map50"] for r in rs]), "map": mean_std([r["map"] for r in rs]),

@@ -20,7 +20,6 @@ Registered models (GFLOPs at their default input, measured by `model_info`, see 
 from __future__ import annotations
 
 import math
-
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 

@@ -37,7 +37,7 @@ class FovConfig:
     focus_min_recent: float = 0.35     # never emit below this x the recent best focus_norm (blurred)
     settle_frames: int = 3             # frames without a better focus: focus has peaked
     max_wait_frames: int = 24          # still frames after which the stop's best frame is taken
-    empty_threshold: float = 0.02      # tissue fraction below which a field is empty
+    empty_threshold: float = 0.005     # tissue fraction below which a field is empty (see quality.py)
     new_field_fraction: float = 0.25   # drift during a stop beyond this x the frame side: a new field
     recent_frames: int = 300           # window of the recent-best focus
     min_response: float = 0.3          # phase-correlation peak below which the shift is not trusted
@@ -95,6 +95,8 @@ class FovTracker:
         self._since_improve = 0
         self._done = False
         self._drift = np.zeros(2)
+        self._empty_frames = 0        # frames of this stop (settling and still) below the tissue threshold
+        self._tissue_frames = 0       # ... and above it
 
     # -- motion ----------------------------------------------------------------------------------
     def _motion(self, a: Analysis) -> tuple[np.ndarray, float, bool]:
@@ -152,9 +154,11 @@ class FovTracker:
         return event
 
     def _consider(self, frame: Frame, a: Analysis) -> None:
-        """Track the sharpest non-empty frame of the stop."""
+        """Track the sharpest non-empty frame of the stop, and how many of its frames were empty."""
         if a.quality.empty:
+            self._empty_frames += 1
             return
+        self._tissue_frames += 1
         if self._best is None or a.quality.focus > self._best[1].quality.focus * (1 + self.cfg.improve_eps):
             self._best = (frame, a)
             self._since_improve = 0
@@ -163,12 +167,12 @@ class FovTracker:
 
     def _decide(self, frame: Frame, a: Analysis) -> FovEvent | None:
         cfg = self.cfg
-        if self._best is None:  # nothing but empty frames so far
+        timeout = self._waited >= cfg.max_wait_frames
+        if self._best is None or (timeout and self._mostly_empty()):  # nothing (or next to nothing) in view
             if self._waited >= cfg.settle_frames:
                 self._done = True
                 self.skipped_empty += 1
             return None
-        timeout = self._waited >= cfg.max_wait_frames
         if self._since_improve < cfg.settle_frames and not timeout:
             return None  # focus still improving: wait for the peak
         best_focus = self._best[1].quality.focus
@@ -192,13 +196,19 @@ class FovTracker:
 
     def _emit_best(self, reason: str) -> FovEvent | None:
         """The stage leaves a still stop that has not been captured: take its best frame if good."""
-        if self._best is None:
+        if self._best is None or self._mostly_empty():
             self.skipped_empty += 1
             return None
         if not self._sharp(self._best[1].quality):
             self.skipped_blurred += 1
             return None
         return self._event(*self._best, reason)
+
+    def _mostly_empty(self) -> bool:
+        """Most frames of the stop were empty: the few with tissue are the edge of the field the stage left
+        (or is about to reach) while easing in or out, on a featureless view where motion is hard to see.
+        Such a stop is empty, not a blurred field."""
+        return self._empty_frames > self._tissue_frames
 
     def _sharp(self, q: FrameQuality) -> bool:
         return q.focus >= self.cfg.focus_floor and self.history.relative(q.focus_norm) >= self.cfg.focus_min_recent

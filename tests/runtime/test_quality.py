@@ -63,6 +63,15 @@ def test_empty_sparse_and_dense_fields(dense):
     assert dim.empty
 
 
+def test_a_field_of_a_few_cells_is_not_empty():
+    """Three cells cover about 1% of the frame: a sparse field still holds cells that may be lesions, so the
+    default threshold grades it (a 2% threshold called such fields empty and skipped them)."""
+    few = frame_quality(field(3, seed=4))
+    assert 0.005 < few.tissue < 0.02, few.tissue
+    assert not few.empty
+    assert frame_quality(field(3, seed=4), QualityConfig(empty_threshold=0.02)).empty
+
+
 def test_exposure_checks(dense):
     ok = frame_quality(dense)
     assert ok.exposure_ok and ok.clipped_high < 0.01

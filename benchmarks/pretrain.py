@@ -9,7 +9,7 @@ Arms over the seeds (default 0,1,2), identical recipes (the shipped `tiny` recip
   train loop's `model.init` (i.e. `cyto-edge train tiny --set model.init=pretrained.pt`), pretrained
   once and shared by all seeds.
 
---small: 160 fields of 512 px (120 train, 12 labelled), the `tiny` detector, 160 steps of batch 16,
+--small: 160 fields of 512 px (120 train, 12 labelled), the `tiny` detector, 120 steps of batch 16,
 90 s of pretraining (24 permutations, 96 px cells). Full: 400 fields of 1024 px, 1200 steps, 15 minutes
 of pretraining (100 permutations).
 """
@@ -29,7 +29,7 @@ from _multicell import mean_std, synth_dir
 
 def settings(small: bool) -> dict:
     if small:
-        return dict(images=160, size=512, model="tiny", epochs=8, steps=20, ssl_seconds=90, cell=96, perms=24)
+        return dict(images=160, size=512, model="tiny", epochs=6, steps=20, ssl_seconds=90, cell=96, perms=24)
     return dict(images=400, size=1024, model="tiny", epochs=20, steps=60, ssl_seconds=900, cell=96, perms=100)
 
 

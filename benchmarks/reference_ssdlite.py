@@ -1,7 +1,7 @@
 """Our SSDLite student against torchvision's reference SSDlite320-MobileNetV3, on the same crops.
 
     python benchmarks/reference_ssdlite.py --minutes 8          # 8 minutes of training each, 400 fields
-    python benchmarks/reference_ssdlite.py --small              # 2 minutes each, 100 fields (run_all)
+    python benchmarks/reference_ssdlite.py --small              # 1.5 minutes each, 100 fields (run_all)
 
 Both train from random weights for the same wall-clock budget on the same stream of crops (the trainer's
 CropDataset: the recipe's augmentation, 60% of crops centred on a labelled object), with the same
@@ -31,7 +31,7 @@ EVAL_CROPS = 300
 
 
 def settings(small: bool) -> dict:
-    return dict(images=100, size=512, test_fraction=0.3, minutes=2.0) if small else \
+    return dict(images=100, size=512, test_fraction=0.3, minutes=1.5) if small else \
         dict(images=400, size=1024, test_fraction=0.2, minutes=8.0)
 
 
@@ -138,7 +138,7 @@ def run(which: str, data, seed: int, minutes: float, threads: int) -> dict:
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--minutes", type=float, default=None, help="Training budget of each model (default: 8, --small 2).")
+    p.add_argument("--minutes", type=float, default=None, help="Training budget of each model (default: 8, --small 1.5).")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     st = settings(args.small)

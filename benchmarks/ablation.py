@@ -13,7 +13,7 @@ through the runtime (ONNX Runtime, tiled as on the device, MIL re-scoring applie
 Figures: mAP@0.5 (and mAP@[.5:.95]) mean ± std over seeds; the ordering checks of the paper (+ MIL beats
 the student, + LD + MIL is the best student row), counted only when the teacher reaches 0.5 mAP@0.5.
 
-Steps: the recipes' own (epochs x steps_per_epoch), multiplied by --step-scale (--small: 0.15, and one
+Steps: the recipes' own (epochs x steps_per_epoch), multiplied by --step-scale (--small: 0.1, and one
 seed per row, seed 0, unless --seeds is given, so that run_all stays within its hour). Full: 400 fields
 of 512 px; --small: 240.
 """
@@ -34,7 +34,7 @@ ROWS = {"student": ("student_cpu", False), "+LD": ("student_ld", True), "+MIL": 
 
 def settings(small: bool) -> dict:
     if small:
-        return dict(images=240, size=512, test_fraction=0.35, step_scale=0.15, teacher_seeds=1, seeds=1)
+        return dict(images=240, size=512, test_fraction=0.35, step_scale=0.1, teacher_seeds=1, seeds=1)
     return dict(images=400, size=512, test_fraction=0.3, step_scale=1.0, teacher_seeds=None, seeds=None)
 
 
@@ -60,7 +60,7 @@ def run_row(row: str, seeds: list[int], data: Path, st: dict, threads: int, tmp:
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime threads.")
-    p.add_argument("--step-scale", type=float, default=None, help="Multiply the recipes' steps (default: 1, --small 0.15).")
+    p.add_argument("--step-scale", type=float, default=None, help="Multiply the recipes' steps (default: 1, --small 0.1).")
     p.add_argument("--rows", default=",".join(ROWS), help=f"Comma-separated rows (default all: {','.join(ROWS)}).")
     p.set_defaults(seeds=None)                     # None: 0,1,2 (--small: the settings' count per row)
     args = p.parse_args()

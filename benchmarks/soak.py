@@ -7,7 +7,7 @@ Targets (issue 8), from one run of the daemon as its own process:
   api      p95 < 50 ms over /api/status, /api/sessions/ID (slide summary), the newest FOVs, /metrics and
            /healthz, requested 5 times a second while the daemon grades
 
-    python benchmarks/soak.py --small          # 4 minutes (run_all)
+    python benchmarks/soak.py --small          # 10 minutes (run_all)
     python benchmarks/soak.py                  # one hour
     python benchmarks/soak.py --minutes 3 --bundle my.cytobundle
 
@@ -201,7 +201,7 @@ def soak(bundle: Path, backend: str, precision: str, minutes: float, warmup_s: f
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--minutes", type=float, default=None, help="Duration (default 60, 4 with --small).")
+    p.add_argument("--minutes", type=float, default=None, help="Duration (default 60, 10 with --small).")
     p.add_argument("--bundle", type=Path, default=None, help="This bundle instead of the cached CPU student.")
     p.add_argument("--keep", action="store_true", help="Keep the store and the daemon's log (path printed).")
     args = p.parse_args()
@@ -215,7 +215,7 @@ def main() -> None:
         path, train = student_bundle(args.small)
     have = {f.precision for f in Bundle.open(path).manifest.files if f.role == "detector"}
     backend, precision = ("onnxruntime", "fp32") if "fp32" in have else ("openvino", "int8")
-    minutes = args.minutes or (4.0 if args.small else 60.0)
+    minutes = args.minutes or (10.0 if args.small else 60.0)
     warm = 60.0 if minutes >= 5 else minutes * 60 / 5
     emit("soak", soak(path, backend, precision, minutes, warm, args.keep), onnxruntime_threads=THREADS,
          bundle=str(path), student=train, camera=CAMERA)

@@ -99,11 +99,14 @@ def main() -> None:
     p.add_argument("--ckpt", type=Path, default=None, help="Measure this detector checkpoint instead of the "
                    "cached student (trained on --data, default the benchmark's cached synth set).")
     p.add_argument("--data", type=Path, default=None, help="Calibration and test data of --ckpt.")
+    p.add_argument("--test-images", type=int, default=None, help="Test fields for mAP (default: 40, --small 16).")
     args = p.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     st = settings(args.small)
+    if args.test_images is not None:
+        st["test_images"] = args.test_images
     if args.ckpt:
         from _multicell import synth_dir
 

@@ -1,8 +1,8 @@
 """The acceptance gate: every exported file, run by its runtime engine, against the torch model.
 
 On validation images, tiled exactly as on the device (runtime/tiling.detect_frame), three checks per file:
-  raw      max |out - ref| / max |ref| per output before decoding (loc, logits[, mil]), over the first
-           128 tiles (bounded memory)
+  raw      |out - ref| / max |ref| per output before decoding (loc, logits[, mil]), over the first 128
+           tiles (bounded memory): its maximum for fp32 and fp16, its 99th percentile for int8
   matched  fraction of the reference detections (at the manifest's operating score threshold) found by
            the file's detections with IoU >= 0.5 and the same class (and the converse, recorded)
   map50    mAP@0.5 of the file on the validation images (runtime.metrics.evaluate_detections, decoded
@@ -10,7 +10,9 @@ On validation images, tiled exactly as on the device (runtime/tiling.detect_fram
 Tolerances per precision (TOLERANCES; `accept_drop` replaces the int8 mAP bound):
   fp32      raw <= 1e-4, matched >= 0.99, mAP drop <= 0.5 point
   fp16      raw <= 1e-2, matched >= 0.95, mAP drop <= 1 point
-  int8-qdq  raw <= 0.5 (only a guard against a broken graph: int8 moves single logits a lot),
+  int8-qdq  raw p99 <= 0.25 (a guard against a broken graph: int8 moves single outputs a lot, so the
+            maximum says little; on the 40-epoch CPU student, mAP@0.5 0.53, its int8 file measured max
+            0.84 / p99 0.062 of max |ref| on loc and 0.64 / 0.052 on logits, with a 0.8-point mAP drop),
             matched >= 0.6, mAP drop <= 1 point
 The reference is always the torch fp32 model (EMA weights), so an error cannot hide in a chain of files.
 """
@@ -34,13 +36,14 @@ MATCH_IOU = 0.5
 
 @dataclass(frozen=True)
 class Tolerance:
-    raw_rel: float        # max |out - ref| / max |ref|, per output
+    raw_rel: float        # bound on quantile(|out - ref|, raw_quantile) / max |ref|, per output
     matched: float        # min fraction of reference detections matched
     map_drop: float       # max mAP@0.5 points below the reference (0.01 = 1 point)
+    raw_quantile: float = 1.0   # 1.0: the maximum
 
 
 TOLERANCES = {"fp32": Tolerance(1e-4, 0.99, 0.005), "fp16": Tolerance(1e-2, 0.95, 0.01),
-              "int8-qdq": Tolerance(0.5, 0.6, 0.01), "int8": Tolerance(0.5, 0.6, 0.01)}
+              "int8-qdq": Tolerance(0.25, 0.6, 0.01, 0.99), "int8": Tolerance(0.25, 0.6, 0.01, 0.99)}
 
 
 @dataclass
@@ -99,13 +102,16 @@ def run_images(infer: Callable, manifest, priors: np.ndarray, s: GateSettings, p
     return RunResult(rec.arrays(), dets, None if m is None or m.map50 is None else float(m.map50))
 
 
-def raw_differences(out: list[np.ndarray], ref: list[np.ndarray], names: list[str]) -> dict[str, float]:
-    """Per output name: max |out - ref| / max |ref|."""
+def raw_differences(out: list[np.ndarray], ref: list[np.ndarray], names: list[str],
+                    quantile: float = 1.0) -> dict[str, float]:
+    """Per output name: quantile(|out - ref|, q) / max |ref| (q = 1: the maximum)."""
     res = {}
     for name, a, r in zip(names, out, ref):
         if a.shape != r.shape:
             raise ValueError(f"output {name}: shape {a.shape} differs from the reference {r.shape}")
-        res[name] = float(np.abs(a.astype(np.float64) - r).max() / max(float(np.abs(r).max()), 1e-12))
+        d = np.abs(a.astype(np.float64) - r)
+        v = d.max() if quantile >= 1.0 else np.quantile(d, quantile)
+        res[name] = float(v / max(float(np.abs(r).max()), 1e-12))
     return res
 
 
@@ -135,17 +141,20 @@ def judge(precision: str, ref: RunResult, out: RunResult, names: list[str], s: G
     """The quality record of one file: figures, its tolerance and `passed` with the reason when it fails."""
     tol = s.tol[precision]
     if accept_drop is not None and precision.startswith("int8"):
-        tol = Tolerance(tol.raw_rel, tol.matched, float(accept_drop))
+        tol = Tolerance(tol.raw_rel, tol.matched, float(accept_drop), tol.raw_quantile)
     raw = raw_differences(out.raw, ref.raw, names)
+    raw_q = raw if tol.raw_quantile >= 1.0 else raw_differences(out.raw, ref.raw, names, tol.raw_quantile)
     m_ref, m_out, n_ref = match_fraction(ref.dets, out.dets, s.operating_score)
     drop = None if ref.map50 is None or out.map50 is None else ref.map50 - out.map50
-    fails = [f"{k} max |diff| {v:.3g} x max |ref| > {tol.raw_rel:g}" for k, v in raw.items() if v > tol.raw_rel]
+    stat = "max" if tol.raw_quantile >= 1.0 else f"p{100 * tol.raw_quantile:g}"
+    fails = [f"{k} {stat} |diff| {v:.3g} x max |ref| > {tol.raw_rel:g}" for k, v in raw_q.items() if v > tol.raw_rel]
     if n_ref and m_ref < tol.matched:
         fails.append(f"matched {m_ref:.3f} of {n_ref} torch detections < {tol.matched:g}")
     if drop is not None and drop > tol.map_drop + 1e-9:
         fails.append(f"mAP@0.5 {out.map50:.4f} is {100 * drop:.2f} points below torch {ref.map50:.4f} "
                      f"(allowed {100 * tol.map_drop:.2f})")
-    return {"precision": precision, "raw_max_rel_diff": raw, "matched": round(m_ref, 4),
+    return {"precision": precision, "raw_max_rel_diff": raw,
+            **({} if raw_q is raw else {f"raw_{stat}_rel_diff": raw_q}), "matched": round(m_ref, 4),
             "matched_converse": round(m_out, 4), "reference_detections": n_ref, "map50": out.map50,
             "map50_drop": None if drop is None else round(drop, 5), "tolerance": asdict(tol),
             "passed": not fails, "reason": "; ".join(fails) or None}

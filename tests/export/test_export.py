@@ -138,3 +138,27 @@ def test_options_resolve_precision_per_target():
     assert ExportOptions("jetson", out=None).resolved_precision() == "fp16"
     with pytest.raises(BadInput):
         ExportOptions("rpi", out=None, precision="fp32").resolved_precision()
+
+
+def test_int8_raw_check_is_robust_to_one_outlier_but_not_to_a_broken_graph():
+    """int8 is judged on the 99th percentile of |diff|: one prior moved by int8 rounding passes, an output
+    wrong everywhere (a broken scale) fails; fp32 keeps the maximum, so the same outlier fails there."""
+    from cyto_edge.export.verify import GateSettings, RunResult, judge
+
+    rng = np.random.default_rng(0)
+    ref = [rng.normal(0, 1, (4, 500, 4)).astype(np.float32), rng.normal(0, 3, (4, 500, 12)).astype(np.float32)]
+    names = ["loc", "logits"]
+    s = GateSettings(images=[], classes=["a"], factor=1.0, operating_score=0.5)
+
+    def run(outs):
+        return RunResult(raw=outs, dets=[], map50=None)
+
+    noisy = [r + rng.normal(0, 0.02 * np.abs(r).max(), r.shape).astype(np.float32) for r in ref]
+    noisy[1][0, 7, 3] += 2 * np.abs(ref[1]).max()                      # one outlier logit
+    ok = judge("int8-qdq", run(ref), run(noisy), names, s)
+    assert ok["passed"], ok["reason"]
+    assert ok["raw_max_rel_diff"]["logits"] > 1.0 and ok["raw_p99_rel_diff"]["logits"] < 0.1
+    broken = [r * 1.6 for r in ref]                                    # a mis-scaled graph
+    bad = judge("int8-qdq", run(ref), run(broken), names, s)
+    assert not bad["passed"] and "p99 |diff|" in bad["reason"]
+    assert not judge("fp32", run(ref), run(noisy), names, s)["passed"]

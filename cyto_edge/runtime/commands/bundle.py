@@ -28,7 +28,7 @@ def bundle_summary(b) -> dict:
                    **({"meta": {k: v for k, v in f.meta.items() if k in ("opset", "gpu", "tensorrt", "calib_method")}}
                       if f.meta else {})} for f in m.files],
         "quality": {"torch_val_map50": q.get("torch_val_map50"), "gate_passed": (q.get("gate") or {}).get("passed"),
-                    "files": {p: {"map50": r.get("map50"), "raw_max_rel_diff": r.get("raw_max_rel_diff"),
+                    "files": {p: {"map50": r.get("map50"), "raw_max_rel_diff": r.get("raw_max_rel_diff") or r.get("raw_rel_diff"),
                                   "matched": r.get("matched"), "passed": r.get("passed")}
                               for p, r in (q.get("files") or {}).items()}},
         "provenance": {k: (m.provenance or {}).get(k) for k in ("checkpoint_sha256", "git_revision",

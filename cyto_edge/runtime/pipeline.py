@@ -8,7 +8,8 @@ Grading path (`grade`): the frame (H, W, 3) uint8 BGR is rescaled by camera µm/
 overlapping tiles of the model input at native resolution (tile size and overlap from the manifest's
 `postprocess.tile`; the overlap may be overridden by the device profile), normalized as the manifest says
 (colour order, scale, mean, std), inferred in batches, decoded by the one decoder and merged across tiles:
-`tiling.detect_frame`, the function `eval` uses too. Detections come back in frame pixels. Then the quality
+`tiling.detect_frame`, the function `eval` uses too, here with a helper thread that tiles and decodes while
+the engine runs (`overlap_tiles`; the detections are the serial path's). Detections come back in frame pixels. Then the quality
 of the frame (focus, exposure, empty field), the rule-based FOV grade (grading.grade_fov), the squamous-cell
 count for adequacy (nuclei.segment_nuclei, once per FOV), and the bundle's second stages when it has them:
 the cell classifier re-classifies the detected cells, the learned grader grades the FOV beside the rule.
@@ -41,7 +42,7 @@ from cyto_edge.runtime.grading import FovGrade, GradingPolicy, grade_fov
 from cyto_edge.runtime.nuclei import NucleiParams, segment_nuclei
 from cyto_edge.runtime.quality import analyze
 from cyto_edge.runtime.sources.base import to_bgr8
-from cyto_edge.runtime.tiling import TileBatcher, _Clock, decode_tiles, detect_frame
+from cyto_edge.runtime.tiling import TileBatcher, TileWorker, _Clock, decode_tiles, detect_frame
 
 SCALE_TOLERANCE = 0.10   # camera vs model µm/px beyond which the frames are rescaled with a warning
 THREAD_SAFE_ENGINES = {"onnxruntime"}   # InferenceSession.run may be called from several threads
@@ -119,7 +120,7 @@ class Pipeline:
     def __init__(self, bundle: Bundle, engine, *, policy: GradingPolicy, camera_um_per_px: float | None,
                  overlap: int | None = None, batch_size: int = 8, preview_max_side: int = 960, stages: bool = True,
                  edge_margin: float | None = None, count: bool = True, stage_threads: int | None = None,
-                 preview_engine=None):
+                 preview_engine=None, overlap_tiles: bool = True):
         m = bundle.manifest
         self.bundle, self.engine, self.policy, self.manifest = bundle, engine, policy, m
         self.classes, self.taxonomy = bundle.classes, m.taxonomy()
@@ -142,6 +143,8 @@ class Pipeline:
         self._lock = None if getattr(engine, "name", "") in THREAD_SAFE_ENGINES else threading.Lock()
         self.preview_engine = preview_engine      # its own engine: the preview never waits for a grading batch
         self._local = threading.local()   # tile buffers per thread: preview and grading may run at once
+        self.overlap_tiles = overlap_tiles   # tiling and decoding on a helper thread while the engine runs
+        self._workers: list[TileWorker] = []
         self.classifier = self.grader = None
         if stages and m.stages:
             from cyto_edge.runtime.second_stage import load_stages
@@ -191,8 +194,20 @@ class Pipeline:
             setattr(self._local, key, b)
         return b
 
+    def _worker(self) -> TileWorker | None:
+        if not self.overlap_tiles:
+            return None
+        w = getattr(self._local, "worker", None)
+        if w is None:
+            i = self.manifest.input
+            w = self._local.worker = TileWorker(self.size, self.batch_size, i.mean, i.std, i.scale, self.channels)
+            self._workers.append(w)
+        return w
+
     def close(self) -> None:
-        """Release the engines (the grading one and the preview's own, if any)."""
+        """Release the engines (the grading one and the preview's own, if any) and the tiling threads."""
+        for w in self._workers:
+            w.close()
         for e in (self.engine, self.preview_engine):
             if e is not None and hasattr(e, "close"):
                 e.close()
@@ -213,7 +228,8 @@ class Pipeline:
                             scale=self.manifest.input.scale, overlap=self.overlap,
                             factor=self.factor if factor is None else factor, batch_size=self.batch_size,
                             edge_margin=self.edge_margin, rescore_weight=self.rescore_weight,
-                            channels=self.channels, timings=timings, batcher=self._batcher(self.batch_size))
+                            channels=self.channels, timings=timings, batcher=self._batcher(self.batch_size),
+                            worker=self._worker())
 
     def grade(self, frame_bgr: np.ndarray, *, fov_id=None, quality: dict | None = None) -> FovResult:
         """Grade one field of view (see the module docstring). `quality`: the frame's quality if already

@@ -15,13 +15,17 @@ the device and `eval` re-score identically. A third output without a weight is r
 
 Speed (the decoder's results are unchanged): priors that cannot pass the lowest class threshold are
 dropped before the softmax by two logit tests (`candidate_mask`); normalization works per channel on
-contiguous planes. `timings`, when given,
-accumulates milliseconds per stage: rescale, tile, preprocess, infer, decode, merge.
+contiguous planes. With a `TileWorker` (the device's grading path), a helper thread fills batch k+1 and
+decodes batch k-1 while the engine runs batch k (two tile buffers, used in turn), so that the engine is
+seldom idle; the detections are identical to the serial path's. `timings`, when given, accumulates
+milliseconds per stage: rescale, tile, preprocess, infer, decode, merge (with a worker: the time the
+caller waited for each, the rest being hidden behind the engine).
 """
 from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import cv2
@@ -117,6 +121,28 @@ class TileBatcher:
         return self.buf[:len(tiles)]
 
 
+class TileWorker:
+    """A helper thread and two TileBatchers for `detect_frame`'s overlapped path (one per calling thread:
+    the buffers are reused from frame to frame). Engines release the GIL while they run, and so do OpenCV
+    and numpy's array loops, so the helper works while the engine does."""
+
+    def __init__(self, size: int, batch_size: int, mean, std, scale: float = 1 / 255.0, channels=RGB):
+        self.batchers = [TileBatcher(size, batch_size, mean, std, scale, channels) for _ in range(2)]
+        self.size, self.batch_size = self.batchers[0].size, self.batchers[0].batch_size
+        self._pool: ThreadPoolExecutor | None = None
+
+    @property
+    def pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="cyto-tiles")
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
 def candidate_mask(logits: np.ndarray, min_threshold: float) -> np.ndarray:
     """(B, P, C+1) logits -> (B, P) bool: priors whose best foreground class could reach `min_threshold`.
 
@@ -166,11 +192,12 @@ def detect_frame(infer: InferFn, img_rgb: np.ndarray, *, input_size: int, priors
                  cfg: PostProcess, mean, std, scale: float = 1 / 255.0, overlap: int = 128,
                  factor: float = 1.0, batch_size: int = 8, edge_margin: float = 3.0,
                  rescore_weight: float | None = None, channels=RGB, timings: dict | None = None,
-                 batcher: TileBatcher | None = None) -> Detections:
+                 batcher: TileBatcher | None = None, worker: TileWorker | None = None) -> Detections:
     """Detections of a whole frame, in the frame's own pixels. `factor` = src µm/px / model µm/px.
 
     channels: the image channel feeding each model channel ((2, 1, 0): a BGR frame for an RGB model).
-    batcher: a TileBatcher to reuse (same size, mean, std, scale and channels); timings: see the docstring.
+    batcher: a TileBatcher to reuse (same size, mean, std, scale and channels); worker: a TileWorker (same
+    settings) to overlap tiling and decoding with inference; timings: see the module docstring.
     """
     clock = _Clock(timings)
     img = rescale(img_rgb, factor)
@@ -179,19 +206,58 @@ def detect_frame(infer: InferFn, img_rgb: np.ndarray, *, input_size: int, priors
     if batcher is None or batcher.size != input_size or batcher.batch_size < batch_size:
         batcher = TileBatcher(input_size, batch_size, mean, std, scale, channels)
     clock("tile")
+    starts = range(0, len(grid.tiles), batch_size)
+    if worker is not None and len(starts) > 1 and worker.size == input_size and worker.batch_size >= batch_size:
+        per_tile = _overlapped(infer, img, grid, starts, batch_size, worker, clock,
+                               lambda out: decode_tiles(out, priors, variances, input_size, cfg, rescore_weight))
+        return _merged(per_tile, grid, cfg, edge_margin, factor, clock)
     per_tile: list[Detections] = []
-    for s in range(0, len(grid.tiles), batch_size):
+    for s in starts:
         batch = batcher.fill(img, grid.tiles[s:s + batch_size])
         clock("preprocess")
         outputs = infer(batch)
         clock("infer")
         per_tile += decode_tiles(outputs, priors, variances, input_size, cfg, rescore_weight)
         clock("decode")
+    return _merged(per_tile, grid, cfg, edge_margin, factor, clock)
+
+
+def _merged(per_tile: list[Detections], grid: TileGrid, cfg: PostProcess, edge_margin: float, factor: float,
+            clock: _Clock) -> Detections:
     det = merge_tiles(per_tile, grid, cfg.nms_iou, edge_margin, cfg.max_detections)
     if abs(factor - 1.0) >= 1e-3:
         det = det.shifted(0, 0, 1.0 / factor)
     clock("merge")
     return det
+
+
+def _overlapped(infer: InferFn, img: np.ndarray, grid: TileGrid, starts: range, batch_size: int,
+                worker: TileWorker, clock: _Clock, decode: Callable) -> list[Detections]:
+    """The batches of one frame with the helper thread one step ahead (fill k+1) and one behind (decode
+    k-1) of the engine (batch k). Batch k+2 is only filled once infer(k) has returned, so the engine never
+    reads a buffer being written. Errors of either thread are raised here."""
+    def fill(k: int) -> np.ndarray:
+        return worker.batchers[k % 2].fill(img, grid.tiles[starts[k]:starts[k] + batch_size])
+
+    pool = worker.pool
+    pending = pool.submit(fill, 0)
+    decoded = []
+    try:
+        for k in range(len(starts)):
+            batch = pending.result()
+            clock("preprocess")
+            if k + 1 < len(starts):
+                pending = pool.submit(fill, k + 1)
+            outputs = infer(batch)
+            clock("infer")
+            decoded.append(pool.submit(decode, outputs))
+        per_tile = [d for f in decoded for d in f.result()]
+        clock("decode")
+    finally:                                  # on an error, let the helper finish before the buffers are reused
+        pending.cancel() or pending.exception()
+        for f in decoded:
+            f.cancel() or f.exception()
+    return per_tile
 
 
 def _rescored(outputs, weight: float | None) -> tuple[np.ndarray, np.ndarray]:

@@ -181,3 +181,26 @@ def test_rescale_is_area_averaging_within_a_pixel(real_frame, factor):
     ref = cv2.resize(img, (out.shape[1], out.shape[0]), interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
     assert np.abs(out.astype(int) - ref).mean() < 4.0
     assert rescale(img, 1.0) is img
+
+
+def test_overlapped_tiling_gives_the_serial_path_s_detections_and_raises_engine_errors(tiny, blob_engine, draw,
+                                                                                        real_frame):
+    frame = real_frame(1400, 1000)                       # 20 tiles of 320 at overlap 64: 10 batches of 2
+    cells = [(100 + 120 * k, 80 + 85 * k, 160 + 120 * k, 140 + 85 * k) for k in range(10)]
+    for k, b in enumerate(cells):
+        draw(frame, b, 2 + k % 4)
+    serial = _pipe(tiny, blob_engine, batch_size=2, overlap_tiles=False)
+    fast = _pipe(tiny, blob_engine, batch_size=2)
+    a, t = serial.detect(frame), {}
+    b = fast.detect(frame, timings=t)
+    assert fast._workers and not serial._workers     # the helper thread was used, by one pipeline only
+    assert len(a) == len(cells) and np.array_equal(a.boxes, b.boxes) and np.array_equal(a.scores, b.scores)
+    assert np.array_equal(a.labels, b.labels) and {"preprocess", "infer", "decode", "merge"} <= set(t)
+    failing = Pipeline(tiny, blob_engine(tiny, fail_after=3), policy=policy_from_manifest(tiny),
+                       camera_um_per_px=1.0, batch_size=2)   # the engine fails on its 4th batch
+    with pytest.raises(RuntimeError, match="device lost"):
+        failing.detect(frame)
+    again = fast.detect(frame)                          # the same pipeline, next frame: unchanged
+    assert np.array_equal(a.boxes, again.boxes)
+    fast.close()
+    assert fast._workers[0]._pool is None

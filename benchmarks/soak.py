@@ -40,14 +40,14 @@ def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def write_profile(d: Path, bundle: Path, backend: str, precision: str) -> Path:
+def write_profile(d: Path, bundle: Path, backend: str, precision: str, threads: int = THREADS) -> Path:
     import yaml
 
     prof = {"name": "soak", "description": "benchmarks/soak.py",
             "camera": {"kind": "synth", "seed": 0, "width": CAMERA["width"], "height": CAMERA["height"],
                        "fps": CAMERA["fps"], "realtime": True, "um_per_px": 1.0,
                        "options": {"stops": CAMERA["stops"], "dwell": CAMERA["dwell"], "move": CAMERA["move"], "loop": 1}},
-            "engine": {"backend": backend, "precision": precision, "threads": THREADS},
+            "engine": {"backend": backend, "precision": precision, "threads": threads},
             "bundle": str(bundle), "pipeline": {"batch_size": 4, "preview_max_side": 960},
             "storage": {"root": str(d / "data"), "retention_days": 30, "disk_budget_mb": 20000},
             "server": {"bind": "127.0.0.1", "port": 8080}}
@@ -146,13 +146,14 @@ def lost_fovs(root: Path, stops: list[dict]) -> dict:
             "images_not_saved": sum(r[2] != "stored" for r in rows), "visits": last[0] - first[0] + 1}
 
 
-def soak(bundle: Path, backend: str, precision: str, minutes: float, warmup_s: float, keep: bool) -> dict:
+def soak(bundle: Path, backend: str, precision: str, minutes: float, warmup_s: float, keep: bool,
+         threads: int = THREADS) -> dict:
     import httpx
     import psutil
 
     stops = schedule()
     work = Path(tempfile.mkdtemp(prefix="cyto-edge-soak-"))
-    profile = write_profile(work, bundle, backend, precision)
+    profile = write_profile(work, bundle, backend, precision, threads)
     before = load()
     proc, url = start(profile, work / "serve.log")
     p = psutil.Process(proc.pid)
@@ -204,6 +205,8 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=None, help="Duration (default 60, 10 with --small).")
     p.add_argument("--bundle", type=Path, default=None, help="This bundle instead of the cached CPU student.")
     p.add_argument("--keep", action="store_true", help="Keep the store and the daemon's log (path printed).")
+    p.add_argument("--threads", type=int, default=THREADS,
+                   help=f"The daemon's engine threads (default {THREADS}; 1 leaves a core to other work).")
     args = p.parse_args()
     from cyto_edge.runtime.bundle import Bundle
 
@@ -217,7 +220,7 @@ def main() -> None:
     backend, precision = ("onnxruntime", "fp32") if "fp32" in have else ("openvino", "int8")
     minutes = args.minutes or (10.0 if args.small else 60.0)
     warm = 60.0 if minutes >= 5 else minutes * 60 / 5
-    emit("soak", soak(path, backend, precision, minutes, warm, args.keep), onnxruntime_threads=THREADS,
+    emit("soak", soak(path, backend, precision, minutes, warm, args.keep, args.threads), onnxruntime_threads=args.threads,
          bundle=str(path), student=train, camera=CAMERA)
 
 

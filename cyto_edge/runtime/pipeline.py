@@ -20,7 +20,8 @@ the same decoder; boxes in frame pixels. The model sees the field at a coarser s
 for, so preview boxes are a live guide only; the grade always comes from the grading path.
 
 Timings are milliseconds per stage (rescale, tile, preprocess, infer, decode, merge, quality, grade, count,
-classify, grader, total). The preview may have its own engine (`preview_engine`; build_pipeline opens one
+classify, grader, total); the squamous count runs on a helper thread beside detection, so `count` is the
+time grading waited for it after detection. The preview may have its own engine (`preview_engine`; build_pipeline opens one
 with one thread by default), so that it never waits for a batch of grading tiles; otherwise both paths
 share the engine, engines other than ONNX Runtime under a lock.
 """
@@ -30,6 +31,7 @@ import hashlib
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import cv2
@@ -145,6 +147,8 @@ class Pipeline:
         self._local = threading.local()   # tile buffers per thread: preview and grading may run at once
         self.overlap_tiles = overlap_tiles   # tiling and decoding on a helper thread while the engine runs
         self._workers: list[TileWorker] = []
+        self._counter: ThreadPoolExecutor | None = None   # the squamous count, beside detection
+        self._pool_lock = threading.Lock()
         self.classifier = self.grader = None
         if stages and m.stages:
             from cyto_edge.runtime.second_stage import load_stages
@@ -204,10 +208,19 @@ class Pipeline:
             self._workers.append(w)
         return w
 
+    def _count_pool(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._counter is None:
+                self._counter = ThreadPoolExecutor(1, thread_name_prefix="cyto-count")
+            return self._counter
+
     def close(self) -> None:
-        """Release the engines (the grading one and the preview's own, if any) and the tiling threads."""
+        """Release the engines (the grading one and the preview's own, if any) and the helper threads."""
         for w in self._workers:
             w.close()
+        if self._counter is not None:
+            self._counter.shutdown(wait=True)
+            self._counter = None
         for e in (self.engine, self.preview_engine):
             if e is not None and hasattr(e, "close"):
                 e.close()
@@ -237,12 +250,13 @@ class Pipeline:
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
         img = as_frame(frame_bgr)
-        det = self.detect(img, timings=timings)
+        counting = self._count_pool().submit(self._nuclei, img) if self.count else None
+        det = self.detect(img, timings=timings)     # the count runs beside it (OpenCV releases the GIL)
         clock = _Clock(timings)
         q = dict(quality) if quality is not None else analyze(img).quality.to_dict()
         clock("quality")
-        nuclei, squamous = self._nuclei(img)
-        clock("count")
+        nuclei, squamous = counting.result() if counting is not None else (None, None)
+        clock("count")                               # the wait for the count, once detection is done
         g = grade_fov(det, self.taxonomy, self.policy, squamous_count=squamous, focus=q.get("focus"))
         clock("grade")
         res = FovResult(det, g, None, None, q, squamous, timings, tuple(img.shape), fov_id, self.bundle_sha,

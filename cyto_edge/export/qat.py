@@ -4,7 +4,7 @@ The detector is fine-tuned for a few epochs with the int8 arithmetic of the QDQ 
 forward pass, so that its weights settle where rounding costs little:
   1. batch norms are folded into their convolutions (eval statistics, frozen), as the ONNX graph has them;
   2. every Conv2d becomes a FakeQuantConv: weights fake-quantized per output channel, symmetric int8
-     [-127, 127], scale max|w| / 127 (exactly the weight quantizer of export/quantize.py), inputs
+     in the 7-bit range [-64, 64], scale max|w| / 64 (exactly the weight quantizer of export/quantize.py), inputs
      fake-quantized per tensor, symmetric int8, scale from a moving average of max|x| (observers frozen
      for the last epoch); gradients pass straight through the rounding (torch.fake_quantize_*);
   3. training crops of the train split, the SSD MultiBox loss, AdamW at a tenth of the recipe's rate;
@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-QMAX = 127
+QMAX = 127   # inputs: int8 symmetric
+WMAX = 64    # weights: ONNX Runtime's reduced (7-bit) symmetric range, as export/quantize.py writes them
 
 
 class FakeQuantConv(nn.Module):
@@ -41,8 +42,8 @@ class FakeQuantConv(nn.Module):
         s_x = (self.absmax / QMAX).clamp(min=1e-8).reshape(1)
         x = torch.fake_quantize_per_tensor_affine(x, s_x, torch.zeros(1, dtype=torch.int32), -QMAX, QMAX)
         w = self.conv.weight
-        s_w = (w.detach().abs().amax(dim=(1, 2, 3)) / QMAX).clamp(min=1e-8)
-        w = torch.fake_quantize_per_channel_affine(w, s_w, torch.zeros_like(s_w, dtype=torch.int32), 0, -QMAX, QMAX)
+        s_w = (w.detach().abs().amax(dim=(1, 2, 3)) / WMAX).clamp(min=1e-8)
+        w = torch.fake_quantize_per_channel_affine(w, s_w, torch.zeros_like(s_w, dtype=torch.int32), 0, -WMAX, WMAX)
         c = self.conv
         return F.conv2d(x, w, c.bias, c.stride, c.padding, c.dilation, c.groups)
 

@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from cyto_edge.export.qat import (QMAX, FakeQuantConv, fold_batchnorms, input_overrides,  # noqa: E402
+from cyto_edge.export.qat import (WMAX, FakeQuantConv, fold_batchnorms, input_overrides,  # noqa: E402
                                   unwrap_convs, wrap_convs)
 from cyto_edge.runtime.bundle import Bundle  # noqa: E402
 
@@ -60,8 +60,8 @@ def test_fake_quant_weights_are_the_qdq_files_weights(model, tmp_path, tiny_bund
         name = dq.input[0].removeprefix("model.").removesuffix("_quantized").removesuffix(".weight")
         fq: FakeQuantConv = convs[name]
         w = fq.conv.weight.detach()
-        s = (w.abs().amax(dim=(1, 2, 3)) / QMAX).clamp(min=1e-8)
-        ours = torch.fake_quantize_per_channel_affine(w, s, torch.zeros_like(s, dtype=torch.int32), 0, -QMAX, QMAX)
+        s = (w.abs().amax(dim=(1, 2, 3)) / WMAX).clamp(min=1e-8)
+        ours = torch.fake_quantize_per_channel_affine(w, s, torch.zeros_like(s, dtype=torch.int32), 0, -WMAX, WMAX)
         np.testing.assert_allclose(ours.numpy(), ort_w, rtol=1e-5, atol=1e-7)
         checked += 1
     unwrap_convs(folded)

@@ -245,29 +245,60 @@ class SlideSummary:
         return asdict(self)
 
 
+class SlideAccumulator:
+    """The slide summary kept up to date one FOV at a time, in memory independent of the number of FOVs but
+    for the ids it reports (worst_fovs, fov_ids): counts, the worst grade, the top cells (the best
+    `slide_top_n` so far, ties in FOV order), the squamous total. `summarize_slide` is this over a list."""
+
+    def __init__(self, policy: GradingPolicy):
+        self.policy = policy
+        self.n = 0
+        self.grade_counts = {c: 0 for c in BETHESDA_ORDER}
+        self.class_counts: dict[str, int] = {}
+        self.organisms: dict[str, dict] = {}
+        self.worst, self.worst_fovs = "NILM", []
+        self.max_suspicion = 0.0
+        self.cells: list[dict] = []
+        self.squamous_total, self.squamous_fovs = 0, 0
+        self.fov_ids: list = []
+
+    def add(self, fid, g: FovGrade) -> None:
+        self.n += 1
+        self.fov_ids.append(fid)
+        self.grade_counts[g.grade] += 1
+        for c, n in g.class_counts.items():
+            self.class_counts[c] = self.class_counts.get(c, 0) + n
+        for o, n in g.organisms.items():
+            e = self.organisms.setdefault(o, {"count": 0, "fovs": 0})
+            e["count"], e["fovs"] = e["count"] + n, e["fovs"] + 1
+        if self.n == 1 or SEVERITY[g.grade] > SEVERITY[self.worst]:
+            self.worst, self.worst_fovs = g.grade, []
+        if g.grade == self.worst:
+            self.worst_fovs.append(fid)
+        self.max_suspicion = g.suspicion if self.n == 1 else max(self.max_suspicion, g.suspicion)
+        if g.top:
+            self.cells += [{"fov": fid, **asdict(d)} for d in g.top]
+            self.cells.sort(key=lambda d: -d["weight"])     # stable: ties keep FOV order
+            del self.cells[self.policy.slide_top_n:]
+        if g.squamous_count is not None:
+            self.squamous_total += int(g.squamous_count)
+            self.squamous_fovs += 1
+
+    def summary(self) -> SlideSummary:
+        total = self.squamous_total if self.squamous_fovs else None
+        verdict, reason = _adequacy(self.worst, total, self.squamous_fovs, self.policy)
+        return SlideSummary(self.n, dict(self.grade_counts), dict(self.class_counts), self.worst,
+                            list(self.worst_fovs), self.max_suspicion if self.n else 0.0,
+                            [dict(c) for c in self.cells], {k: dict(v) for k, v in self.organisms.items()},
+                            total, self.squamous_fovs, verdict, reason, list(self.fov_ids))
+
+
 def summarize_slide(fovs: Sequence[FovGrade] | Mapping[Any, FovGrade], policy: GradingPolicy) -> SlideSummary:
     """Slide (session) summary over graded FOVs; `fovs` a list (ids 0..n-1) or a mapping id -> FovGrade."""
-    items = list(fovs.items()) if isinstance(fovs, Mapping) else list(enumerate(fovs))
-    grade_counts = {c: 0 for c in BETHESDA_ORDER}
-    class_counts: dict[str, int] = {}
-    organisms: dict[str, dict] = {}
-    cells = []
-    for fid, g in items:
-        grade_counts[g.grade] += 1
-        for c, n in g.class_counts.items():
-            class_counts[c] = class_counts.get(c, 0) + n
-        for o, n in g.organisms.items():
-            e = organisms.setdefault(o, {"count": 0, "fovs": 0})
-            e["count"], e["fovs"] = e["count"] + n, e["fovs"] + 1
-        cells += [{"fov": fid, **asdict(d)} for d in g.top]
-    worst = max((g.grade for _, g in items), key=SEVERITY.__getitem__, default="NILM")
-    cells.sort(key=lambda d: -d["weight"])     # stable: ties keep FOV order
-    counted = [g.squamous_count for _, g in items if g.squamous_count is not None]
-    total = int(sum(counted)) if counted else None
-    verdict, reason = _adequacy(worst, total, len(counted), policy)
-    return SlideSummary(len(items), grade_counts, class_counts, worst, [f for f, g in items if g.grade == worst],
-                        max((g.suspicion for _, g in items), default=0.0), cells[: policy.slide_top_n],
-                        organisms, total, len(counted), verdict, reason, [f for f, _ in items])
+    acc = SlideAccumulator(policy)
+    for fid, g in (fovs.items() if isinstance(fovs, Mapping) else enumerate(fovs)):
+        acc.add(fid, g)
+    return acc.summary()
 
 
 def _adequacy(worst: str, total: int | None, n_counted: int, policy: GradingPolicy) -> tuple[str, str]:

@@ -285,3 +285,37 @@ def test_counts_against_synth_truth(tmp_path, python_exe):
     assert abs(a[:, 1].sum() / a[:, 0].sum() - 1) <= 0.10, rows
     # squamous cells (nuclei in cytoplasm, not crowded): the slide total is what adequacy uses
     assert abs(a[:, 3].sum() / a[:, 2].sum() - 1) <= 0.15, rows
+
+
+def test_slide_summary_one_fov_at_a_time_equals_the_whole_slide_at_once():
+    """The daemon's running summary (SlideAccumulator) against a reference computed from all FOVs at once:
+    counts, the worst grade and its FOVs, the top cells (ties in FOV order) and the squamous total."""
+    from cyto_edge.runtime.grading import FovGrade, SlideAccumulator, SuspiciousDetection
+    from cyto_edge.runtime.taxonomy import SEVERITY
+
+    rng = np.random.default_rng(5)
+    grades = ["NILM", "ASC-US", "LSIL", "HSIL", "SCC"]
+    fovs = []
+    for i in range(60):
+        g = grades[min(int(rng.exponential(0.8)), 4)]
+        top = [SuspiciousDetection(k, "hsil", "HSIL", float(s), float(round(s, 1)), [0, 0, 9, 9])   # tied weights
+               for k, s in enumerate(rng.uniform(0, 1, rng.integers(0, 4)))]
+        fovs.append((100 + i, FovGrade(g, float(rng.uniform()), {"hsil": len(top)}, {}, {"candida": 1} if i % 7 == 0
+                                       else {}, top, len(top), None if i % 5 == 0 else int(rng.integers(0, 300)))))
+    pol = GradingPolicy(slide_top_n=7)
+    acc = SlideAccumulator(pol)
+    for n, (fid, g) in enumerate(fovs, 1):
+        acc.add(fid, g)
+        s = acc.summary()
+        seen = fovs[:n]
+        worst = max((x.grade for _, x in seen), key=SEVERITY.__getitem__)
+        cells = sorted(({"fov": f, "weight": d.weight, "score": d.score} for f, x in seen for d in x.top),
+                       key=lambda c: -c["weight"])[:7]
+        assert s.n_fovs == n and s.worst_grade == worst
+        assert s.worst_fovs == [f for f, x in seen if x.grade == worst]
+        assert [(c["fov"], c["score"]) for c in s.top_cells] == [(c["fov"], c["score"]) for c in cells]
+        counted = [x.squamous_count for _, x in seen if x.squamous_count is not None]
+        assert s.squamous_total == (sum(counted) if counted else None) and s.squamous_fovs == len(counted)
+        assert s.organisms.get("candida", {}).get("fovs", 0) == sum(1 for f, _ in seen if (f - 100) % 7 == 0)
+        assert s.max_suspicion == max(x.suspicion for _, x in seen)
+    assert s.to_dict() == summarize_slide(dict(fovs), pol).to_dict()

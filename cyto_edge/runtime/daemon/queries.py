@@ -1,7 +1,7 @@
 """The read side of the store for the pages, the JSON API and the exports.
 
 Every function returns plain JSON-ready dicts. The slide summary is `grading.summarize_slide` over the
-stored FOV grades (the same function the offline tools use), cached per session until a FOV is added.
+stored FOV grades (the same code the offline tools use), kept up to date one new FOV at a time.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import json
 import threading
 
 from cyto_edge import DISCLAIMER
-from cyto_edge.runtime.grading import FovGrade, GradingPolicy, SuspiciousDetection, summarize_slide
+from cyto_edge.runtime.grading import FovGrade, GradingPolicy, SlideAccumulator, SuspiciousDetection
 from cyto_edge.runtime.taxonomy import BETHESDA_ORDER
 from cyto_edge.runtime.daemon.store import Store
 
@@ -36,7 +36,7 @@ def grade_from_dict(d: dict) -> FovGrade:
 class Queries:
     def __init__(self, store: Store, policy: GradingPolicy | None = None):
         self.store, self.policy = store, policy or GradingPolicy()
-        self._cache: dict[int, tuple[int, dict, dict | None]] = {}   # sid -> (last FOV id, grades, summary)
+        self._cache: dict[int, tuple] = {}   # sid -> (last FOV id, SlideAccumulator, summary)
         self._lock = threading.Lock()
 
     def set_policy(self, policy: GradingPolicy) -> None:
@@ -98,20 +98,23 @@ class Queries:
 
     # -- slide --------------------------------------------------------------------------------------------
     def summary(self, sid: int) -> dict | None:
-        """`summarize_slide` over the session's FOV grades; grades are parsed once and kept for the few most
-        recent sessions, so a long session costs only its new FOVs per request."""
+        """`summarize_slide` over the session's FOV grades, kept up to date one new FOV at a time
+        (grading.SlideAccumulator) for the few most recent sessions: a request costs only the FOVs stored
+        since the last one, and memory does not grow with the length of a session."""
         if self.store.one("SELECT 1 FROM sessions WHERE id = ?", (sid,)) is None:
             return None
         with self._lock:
-            last_id, grades, summ = self._cache.pop(sid, (0, {}, None))
+            last_id, acc, summ = self._cache.pop(sid, (0, None, None))
+            acc = acc or SlideAccumulator(self.policy)
             rows = self.store.query("SELECT id, grade_json FROM fovs WHERE session_id = ? AND id > ? ORDER BY id",
                                     (sid, last_id))
             if rows or summ is None:
-                grades.update((r["id"], grade_from_dict(json.loads(r["grade_json"]))) for r in rows)
+                for r in rows:
+                    acc.add(r["id"], grade_from_dict(json.loads(r["grade_json"])))
                 last_id = rows[-1]["id"] if rows else last_id
-                summ = summarize_slide(grades, self.policy).to_dict()
+                summ = acc.summary().to_dict()
                 summ.pop("fov_ids", None)
-            self._cache[sid] = (last_id, grades, summ)      # re-inserted: the most recently used last
+            self._cache[sid] = (last_id, acc, summ)         # re-inserted: the most recently used last
             while len(self._cache) > SUMMARY_CACHE:
                 self._cache.pop(next(iter(self._cache)))
         return summ

@@ -235,14 +235,14 @@ class Pipeline:
     def detect(self, frame_bgr: np.ndarray, *, cfg: PostProcess | None = None, timings: dict | None = None,
                factor: float | None = None) -> Detections:
         """Detections of a full-resolution frame in frame px (`tiling.detect_frame`, as `eval` runs it)."""
-        img = as_frame(frame_bgr)
+        img, worker = as_frame(frame_bgr), self._worker()
         return detect_frame(self.infer, img, input_size=self.size, priors=self.priors, variances=self.variances,
                             cfg=cfg or self.cfg, mean=self.manifest.input.mean, std=self.manifest.input.std,
                             scale=self.manifest.input.scale, overlap=self.overlap,
                             factor=self.factor if factor is None else factor, batch_size=self.batch_size,
                             edge_margin=self.edge_margin, rescore_weight=self.rescore_weight,
-                            channels=self.channels, timings=timings, batcher=self._batcher(self.batch_size),
-                            worker=self._worker())
+                            channels=self.channels, timings=timings, worker=worker,
+                            batcher=None if worker is not None else self._batcher(self.batch_size))
 
     def grade(self, frame_bgr: np.ndarray, *, fov_id=None, quality: dict | None = None) -> FovResult:
         """Grade one field of view (see the module docstring). `quality`: the frame's quality if already

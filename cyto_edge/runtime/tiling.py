@@ -197,20 +197,24 @@ def detect_frame(infer: InferFn, img_rgb: np.ndarray, *, input_size: int, priors
 
     channels: the image channel feeding each model channel ((2, 1, 0): a BGR frame for an RGB model).
     batcher: a TileBatcher to reuse (same size, mean, std, scale and channels); worker: a TileWorker (same
-    settings) to overlap tiling and decoding with inference; timings: see the module docstring.
+    settings) to overlap tiling and decoding with inference, whose buffers then replace `batcher`; timings:
+    see the module docstring.
     """
     clock = _Clock(timings)
     img = rescale(img_rgb, factor)
     clock("rescale")
     grid = tile_grid(img.shape[0], img.shape[1], input_size, overlap)
-    if batcher is None or batcher.size != input_size or batcher.batch_size < batch_size:
-        batcher = TileBatcher(input_size, batch_size, mean, std, scale, channels)
-    clock("tile")
     starts = range(0, len(grid.tiles), batch_size)
     if worker is not None and len(starts) > 1 and worker.size == input_size and worker.batch_size >= batch_size:
+        clock("tile")
         per_tile = _overlapped(infer, img, grid, starts, batch_size, worker, clock,
                                lambda out: decode_tiles(out, priors, variances, input_size, cfg, rescore_weight))
         return _merged(per_tile, grid, cfg, edge_margin, factor, clock)
+    if worker is not None:                      # one batch: the worker's first buffer serves the serial path
+        batcher = worker.batchers[0]
+    if batcher is None or batcher.size != input_size or batcher.batch_size < batch_size:
+        batcher = TileBatcher(input_size, batch_size, mean, std, scale, channels)
+    clock("tile")
     per_tile: list[Detections] = []
     for s in starts:
         batch = batcher.fill(img, grid.tiles[s:s + batch_size])

@@ -165,3 +165,20 @@ def test_the_grading_worker_yields_the_cpu_to_the_preview(tiny, blob_engine, tmp
                    on_fov=lambda e, r: seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))).run()
     assert seen == [min(19, main_nice + 4)] * 2
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_nice     # the loop's is unchanged
+
+
+def test_runner_statistics_keep_the_last_window_of_samples_and_their_quantiles():
+    from cyto_edge.runtime.live import WINDOW, _Stats
+
+    rng = np.random.default_rng(0)
+    st, seen = _Stats(), []
+    for v in rng.exponential(10.0, WINDOW + 737):        # wraps around the ring
+        st.add_timings("grade", {"infer": v, "total": 2 * v})
+        seen.append(v)
+    last = np.asarray(seen[-WINDOW:])
+    np.testing.assert_array_equal(st.values("grade.infer"), last)
+    s = st.summary("grade")
+    assert sorted(s) == ["infer", "total"]
+    assert s["infer"] == {"p50": round(float(np.percentile(last, 50)), 3), "p95": round(float(np.percentile(last, 95)), 3)}
+    assert s["total"]["p95"] == pytest.approx(2 * s["infer"]["p95"], abs=2e-3)
+    assert st.values("never").size == 0 and st.summary("preview") == {}

@@ -218,7 +218,8 @@ def live_run(bundle, uri: str, seconds: float | None, sample_s: float = 5.0):
     from cyto_edge.runtime.sources import open_source
 
     backend, precision = engines(bundle)[0]
-    pipe = build_pipeline(bundle, backend=backend, precision=precision, threads=THREADS, camera_um_per_px=1.0)
+    pipe = build_pipeline(bundle, backend=backend, precision=precision, threads=THREADS, camera_um_per_px=1.0,
+                          spin_wait=False)          # as the device profiles run it live
     fovs, rss, stop = [], [], threading.Event()
     proc = psutil.Process()
     with open_source(uri) as src:

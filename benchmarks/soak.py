@@ -59,14 +59,16 @@ def calibrated(bundle: Path, data: Path, threads: int) -> Path:
     return cached(key, build, kind="bundle") / "student.cytobundle"
 
 
-def write_profile(d: Path, bundle: Path, backend: str, precision: str, threads: int = THREADS) -> Path:
+def write_profile(d: Path, bundle: Path, backend: str, precision: str, threads: int = THREADS,
+                  spin_wait: bool = False) -> Path:
     import yaml
 
     prof = {"name": "soak", "description": "benchmarks/soak.py",
             "camera": {"kind": "synth", "seed": 0, "width": CAMERA["width"], "height": CAMERA["height"],
                        "fps": CAMERA["fps"], "realtime": True, "um_per_px": 1.0,
                        "options": {"stops": CAMERA["stops"], "dwell": CAMERA["dwell"], "move": CAMERA["move"], "loop": 1}},
-            "engine": {"backend": backend, "precision": precision, "threads": threads},
+            "engine": {"backend": backend, "precision": precision, "threads": threads,
+                       **({"spin_wait": True} if spin_wait and backend == "onnxruntime" else {})},
             "bundle": str(bundle), "pipeline": {"batch_size": 4, "preview_max_side": 960},
             "storage": {"root": str(d / "data"), "retention_days": 30, "disk_budget_mb": 20000},
             "server": {"bind": "127.0.0.1", "port": 8080}}
@@ -166,13 +168,13 @@ def lost_fovs(root: Path, stops: list[dict]) -> dict:
 
 
 def soak(bundle: Path, backend: str, precision: str, minutes: float, warmup_s: float, keep: bool,
-         threads: int = THREADS) -> dict:
+         threads: int = THREADS, spin_wait: bool = False) -> dict:
     import httpx
     import psutil
 
     stops = schedule()
     work = Path(tempfile.mkdtemp(prefix="cyto-edge-soak-"))
-    profile = write_profile(work, bundle, backend, precision, threads)
+    profile = write_profile(work, bundle, backend, precision, threads, spin_wait)
     before = load()
     proc, url = start(profile, work / "serve.log")
     p = psutil.Process(proc.pid)
@@ -226,6 +228,8 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="Keep the store and the daemon's log (path printed).")
     p.add_argument("--threads", type=int, default=THREADS,
                    help=f"The daemon's engine threads (default {THREADS}; 1 leaves a core to other work).")
+    p.add_argument("--spin-wait", action="store_true",
+                   help="ONNX Runtime's threads busy-wait between runs (its default; the profiles turn it off).")
     args = p.parse_args()
     from cyto_edge.runtime.bundle import Bundle
 
@@ -241,8 +245,8 @@ def main() -> None:
     backend, precision = ("onnxruntime", "fp32") if "fp32" in have else ("openvino", "int8")
     minutes = args.minutes or (10.0 if args.small else 60.0)
     warm = 60.0 if minutes >= 5 else minutes * 60 / 5
-    emit("soak", soak(path, backend, precision, minutes, warm, args.keep, args.threads), onnxruntime_threads=args.threads,
-         bundle=str(path), student=train, camera=CAMERA)
+    emit("soak", soak(path, backend, precision, minutes, warm, args.keep, args.threads, args.spin_wait),
+         onnxruntime_threads=args.threads, spin_wait=args.spin_wait, bundle=str(path), student=train, camera=CAMERA)
 
 
 if __name__ == "__main__":

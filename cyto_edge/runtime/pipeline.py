@@ -344,12 +344,14 @@ def default_precision(bundle: Bundle) -> str:
 
 
 def open_engine(bundle: Bundle, backend: str | None = None, *, precision: str | None = None,
-                threads: int | None = None, device: str | None = None):
+                threads: int | None = None, device: str | None = None, spin_wait: bool | None = None):
     from cyto_edge.runtime.engines import load_engine
 
     opts = {"precision": precision or default_precision(bundle), "threads": threads}
     if device:
         opts["device"] = device
+    if spin_wait is not None and (backend or "onnxruntime") == "onnxruntime":
+        opts["spin_wait"] = spin_wait
     return load_engine(bundle, backend or "onnxruntime", **opts)
 
 
@@ -364,10 +366,12 @@ def build_pipeline(bundle: Bundle, *, profile=None, engine=None, backend: str | 
                    precision: str | None = None, threads: int | None = None,
                    camera_um_per_px: float | None = None, overlap: int | None = None,
                    batch_size: int | None = None, stages: bool = True, count: bool = True,
-                   preview_engine: bool = True) -> Pipeline:
+                   preview_engine: bool = True, spin_wait: bool | None = None) -> Pipeline:
     """A Pipeline from a bundle, an optional DeviceProfile (engine, camera scale, pipeline and grading
     sections) and explicit options, which win over the profile. The engine is opened unless given;
-    `preview_engine` opens a second one (same backend and precision, one thread) for the preview path."""
+    `preview_engine` opens a second one (same backend and precision, one thread) for the preview path.
+    `spin_wait` (ONNX Runtime): None leaves it to the profile (off in every device profile) or, without
+    one, to ONNX Runtime (on)."""
     from cyto_edge.runtime.grading import policy_from_manifest
 
     src = f"profile {getattr(profile, 'name', '')} grading".strip()
@@ -375,7 +379,9 @@ def build_pipeline(bundle: Bundle, *, profile=None, engine=None, backend: str | 
     eng_p = profile.engine if profile is not None else None
     pip_p = profile.pipeline if profile is not None else None
     kw = {"precision": precision or (eng_p.precision if eng_p else None),
-          "device": eng_p.device if eng_p is not None and not backend else None}
+          "device": eng_p.device if eng_p is not None and not backend else None,
+          "spin_wait": spin_wait if spin_wait is not None else
+          (getattr(eng_p, "spin_wait", None) if eng_p is not None and not backend else None)}
     name = backend or (eng_p.backend if eng_p else None)
     preview = None
     if engine is None:                      # (a given engine is used for both paths)

@@ -125,6 +125,7 @@ def _device(pattern: str, choices: str):
 class OnnxRuntimeEngine(_Engine):
     backend: Literal["onnxruntime"]
     device: str = "cpu"
+    spin_wait: bool = False     # intra-op threads busy-waiting between runs take the CPU from preview and web server
     _dev = _device(r"cpu|cuda(:\d+)?|tensorrt(:\d+)?", "cpu, cuda, cuda:N or tensorrt (execution providers)")
 
 

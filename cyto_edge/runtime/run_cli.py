@@ -150,8 +150,13 @@ def run_bundle(o: RunOptions) -> int:
     try:
         every = grade_every_frame(o.fov, uri)
         um = o.um_per_px or (profile.camera.um_per_px if profile else None) or source_um_per_px(source)
+        from cyto_edge.runtime.live import is_live
+
+        # a live source shares the cores between preview and grading: no busy-waiting engine threads
+        # (the profile's engine.spin_wait when there is one)
+        spin = None if profile is not None else (False if is_live(source) else None)
         pipe = build_pipeline(bundle, profile=profile, backend=o.engine, precision=o.precision, threads=o.threads,
-                              camera_um_per_px=um)
+                              camera_um_per_px=um, spin_wait=spin)
         for w in pipe.warnings:
             console.print(f"[yellow]warning:[/] {w}")
         tracker = FovTracker(profile.pipeline.fov_config() if profile else FovConfig())

@@ -32,3 +32,29 @@ def test_engine_rejects_wrong_input_and_unknown_backend(tiny_bundle):
     with pytest.raises(BadInput, match="unknown engine"):
         load_engine(b, "coreml")
     assert {"onnxruntime", "openvino", "tensorrt"} <= set(ENGINES.names())
+
+
+def test_spin_wait_reaches_the_session_and_device_profiles_turn_it_off(tiny_bundle, tmp_path):
+    import yaml
+
+    from cyto_edge.runtime.pipeline import build_pipeline
+    from cyto_edge.runtime.profile import load_profile
+
+    b = Bundle.open(tiny_bundle)
+    key = "session.intra_op.allow_spinning"
+    for spin, want in ((False, "0"), (True, "1")):
+        with load_engine(b, "onnxruntime", threads=2, spin_wait=spin) as eng:
+            assert eng.session.get_session_options().get_session_config_entry(key) == want
+    with load_engine(b, "onnxruntime", threads=2) as eng:        # not set: ONNX Runtime's default
+        with pytest.raises(RuntimeError, match="does not have configuration"):
+            eng.session.get_session_options().get_session_config_entry(key)
+    prof = {"name": "t", "camera": {"kind": "synth", "um_per_px": 1.0},
+            "engine": {"backend": "onnxruntime", "threads": 2}, "bundle": str(tiny_bundle),
+            "storage": {"root": str(tmp_path / "s")}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(prof))
+    pipe = build_pipeline(b, profile=load_profile(tmp_path / "p.yaml"))
+    try:
+        assert pipe.engine.spin_wait is False
+        assert pipe.engine.session.get_session_options().get_session_config_entry(key) == "0"
+    finally:
+        pipe.close()

@@ -83,11 +83,21 @@ def _as_bgr_float(image: np.ndarray) -> np.ndarray:
     return a[..., :3]
 
 
+def _od(values: np.ndarray, white: np.ndarray) -> np.ndarray:
+    return np.maximum(-np.log(np.clip(values, 1.0, None) / white), 0).astype(np.float32)
+
+
 def optical_density(image: np.ndarray) -> np.ndarray:
     """Image -> (H, W, 3) float32 OD per BGR channel against the bright background (step 1)."""
-    img = _as_bgr_float(image)
+    a = np.asarray(image)
+    if a.dtype == np.uint8 and a.ndim == 3 and a.shape[2] == 3 and a.size:
+        # a 256-entry table per channel: the same float32 arithmetic as below, once per grey level
+        white = np.maximum(np.percentile(a.reshape(-1, 3)[::7].astype(np.float32), 99.5, axis=0), 1.0)
+        lut = _od(np.arange(256, dtype=np.float32)[:, None], white)                      # (256, 3)
+        return cv2.LUT(np.ascontiguousarray(a), lut.reshape(1, 256, 3))
+    img = _as_bgr_float(a)
     white = np.maximum(np.percentile(img.reshape(-1, 3)[::7], 99.5, axis=0), 1.0)        # (3,)
-    return np.maximum(-np.log(np.clip(img, 1.0, None) / white), 0).astype(np.float32)
+    return _od(img, white)
 
 
 def nuclear_density(od: np.ndarray, um_per_px: float, p: NucleiParams = NucleiParams()) -> np.ndarray:
@@ -117,25 +127,36 @@ def _field_threshold(dens: np.ndarray, p: NucleiParams, um_per_px: float) -> flo
     return float(np.clip(p.peak_fraction * np.percentile(peak, p.peak_percentile), p.min_contrast, p.max_contrast))
 
 
-def _peaks(dist: np.ndarray, sep_px: float) -> list[tuple[np.ndarray, float]]:
-    """Maxima of a distance transform at least `sep_px` apart -> [(centre xy (2,), height)]."""
+def _peaks(dist: np.ndarray, sep_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """Maxima of a distance transform at least `sep_px` apart -> (centres xy (M, 2) float64, heights (M,))."""
     r = max(int(round(sep_px)), 1)
     k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1,) * 2)
     peaks = (dist >= cv2.dilate(dist, k) - 1e-3) & (dist >= 1.0)
-    n, lab = cv2.connectedComponents(peaks.astype(np.uint8), connectivity=8)
-    out = []
-    for i in range(1, n):
-        ys, xs = np.nonzero(lab == i)
-        out.append((np.array([xs.mean(), ys.mean()]), float(dist[ys, xs].max())))
+    n, lab, _, centroids = cv2.connectedComponentsWithStats(peaks.astype(np.uint8), connectivity=8)
+    height = np.zeros(n, np.float32)
+    on = lab > 0
+    np.maximum.at(height, lab[on], dist[on])
+    return centroids[1:], height[1:].astype(np.float64)
+
+
+def _necks(dist: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """(M, M) smallest distance-transform value on each segment between two peaks (xy): the width of the
+    waist between them. Each segment is sampled at ceil(length) + 2 evenly spaced points."""
+    m = len(centres)
+    i, j = np.triu_indices(m, 1)
+    a, d = centres[i], centres[j] - centres[i]                                          # (P, 2)
+    n = np.ceil(np.sqrt((d ** 2).sum(1))).astype(int) + 2                               # samples per segment
+    seg = np.repeat(np.arange(len(i)), n)
+    start = np.cumsum(n) - n
+    step = np.arange(n.sum()) - start[seg]                                              # 0..n-1 per segment
+    t = step * (1.0 / (n - 1))[seg]                                                     # as np.linspace
+    t[start + n - 1] = 1.0
+    xy = np.round(a[seg] + t[:, None] * d[seg]).astype(int)
+    v = dist[xy[:, 1], xy[:, 0]]
+    low = np.minimum.reduceat(v, start)
+    out = np.full((m, m), np.inf)
+    out[i, j] = out[j, i] = low
     return out
-
-
-def _neck(dist: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
-    """Smallest distance-transform value on the segment a-b (xy): the width of the waist between peaks."""
-    n = int(np.ceil(np.linalg.norm(b - a))) + 2
-    t = np.linspace(0, 1, n)[:, None]
-    xy = np.round(a + t * (b - a)).astype(int)
-    return float(dist[xy[:, 1], xy[:, 0]].min())
 
 
 def _split(comp: np.ndarray, min_px: float, sep_px: float, neck_ratio: float) -> tuple[list, int]:
@@ -149,29 +170,29 @@ def _split(comp: np.ndarray, min_px: float, sep_px: float, neck_ratio: float) ->
     total = [(len(xs), np.array([xs.mean(), ys.mean()]))]
     if len(xs) < 2 * min_px:
         return total, 1                               # too small to hold two nuclei
-    dist = cv2.distanceTransform(np.pad(comp, 1), cv2.DIST_L2, 3)[1:-1, 1:-1]
-    pk = _peaks(dist, sep_px)
-    if len(pk) < 2:
-        return total, len(pk)
-    group = list(range(len(pk)))                      # union-find over peaks
+    dist = cv2.distanceTransform(cv2.copyMakeBorder(comp, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0),
+                                 cv2.DIST_L2, 3)[1:-1, 1:-1]
+    centres, height = _peaks(dist, sep_px)
+    m = len(centres)
+    if m < 2:
+        return total, m
+    joined = _necks(dist, centres) >= neck_ratio * np.minimum(height[:, None], height[None, :])
+    group = list(range(m))                            # union-find over peaks
     def find(i):
         while group[i] != i:
             i = group[i]
         return i
-    for i in range(len(pk)):
-        for j in range(i + 1, len(pk)):
-            if _neck(dist, pk[i][0], pk[j][0]) >= neck_ratio * min(pk[i][1], pk[j][1]):
-                group[find(i)] = find(j)
-    roots = sorted({find(i) for i in range(len(pk))})
+    for i, j in zip(*np.nonzero(np.triu(joined, 1))):
+        group[find(i)] = find(j)
+    roots = sorted({find(i) for i in range(m)})
     if len(roots) < 2:
-        return total, len(pk)
-    centres = np.stack([c for c, _ in pk])                                              # (M, 2) xy
+        return total, m
     near = np.argmin(((np.stack([xs, ys], 1)[:, None, :] - centres[None]) ** 2).sum(-1), 1)
-    owner = np.array([roots.index(find(i)) for i in range(len(pk))])[near]
+    owner = np.array([roots.index(find(i)) for i in range(m)])[near]
     parts = np.bincount(owner, minlength=len(roots))
     if parts.min() < min_px:
-        return total, len(pk)
-    return [(int(parts[g]), np.array([xs[owner == g].mean(), ys[owner == g].mean()])) for g in range(len(roots))], len(pk)
+        return total, m
+    return [(int(parts[g]), np.array([xs[owner == g].mean(), ys[owner == g].mean()])) for g in range(len(roots))], m
 
 
 def _solidity(comp: np.ndarray) -> float:
@@ -202,13 +223,12 @@ def _kmeans_parts(comp: np.ndarray, k: int, iters: int = 6) -> list[tuple[int, n
 
 
 def _blobs(mask: np.ndarray, min_px: float, max_px: float):
-    """Connected components of a mask worth looking at -> [(x0, y0, crop (h, w) uint8)]."""
+    """Connected components of a mask worth looking at -> [(x0, y0, crop (h, w) uint8, pixel count)]."""
     n, lab, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     out = []
-    for i in range(1, n):
+    for i in np.nonzero((stats[1:, 4] >= min_px) & (stats[1:, 4] <= 4 * max_px))[0] + 1:
         x, y, w, h, a = stats[i]
-        if min_px <= a <= 4 * max_px:
-            out.append((x, y, (lab[y:y + h, x:x + w] == i).astype(np.uint8)))
+        out.append((x, y, (lab[y:y + h, x:x + w] == i).astype(np.uint8), int(a)))
     return out
 
 
@@ -228,14 +248,14 @@ def segment_nuclei(image: np.ndarray, um_per_px: float, params: NucleiParams | N
     mask = cv2.morphologyEx((dens >= thr).astype(np.uint8), cv2.MORPH_OPEN, np.ones((2, 2), np.uint8))
     px_area = um_per_px ** 2
     min_px, max_px = p.min_area_um2 / px_area, p.max_area_um2 / px_area
-    blobs = [(x, y, comp, *_split(comp, min_px, p.peak_sep_um / um_per_px, p.neck_ratio))
-             for x, y, comp in _blobs(mask, min_px, max_px)]
+    blobs = [(x, y, comp, area, *_split(comp, min_px, p.peak_sep_um / um_per_px, p.neck_ratio))
+             for x, y, comp, area in _blobs(mask, min_px, max_px)]
     singles = [parts[0][0] for *_, parts, npk in blobs if npk <= 1]
     typical = float(np.median(singles)) if len(singles) >= 10 else p.typical_area_um2 / px_area
     areas: list[float] = []
     centres: list[np.ndarray] = []
-    for x, y, comp, parts, npk in blobs:
-        k = int(round(comp.sum() / typical))
+    for x, y, comp, area, parts, npk in blobs:
+        k = int(round(area / typical))
         if npk >= 2 and k > len(parts) and _solidity(comp) < p.cluster_solidity:
             parts = _kmeans_parts(comp, k)    # a clump the waists did not split: count it by area
         for q, c in parts:
@@ -243,7 +263,7 @@ def segment_nuclei(image: np.ndarray, um_per_px: float, params: NucleiParams | N
                 areas.append(q * px_area)
                 centres.append((c + (x, y)) / scale)
     xy = np.asarray(centres, np.float32).reshape(-1, 2) * scale                          # working px
-    sq = _squamous(od.sum(-1), cv2.dilate(mask, np.ones((3, 3), np.uint8)), xy, um_per_px, p)
+    sq = _squamous(od[..., 0] + od[..., 1] + od[..., 2], cv2.dilate(mask, np.ones((3, 3), np.uint8)), xy, um_per_px, p)
     return Nuclei(xy / scale, np.asarray(areas, np.float32), thr, sq)
 
 

@@ -244,6 +244,11 @@ def test_count_nuclei_input_forms():
     cv2 = pytest.importorskip("cv2")
     img, truth = draw_field(5, size=(300, 400), n_cells=15, n_pairs=2)
     n = count_nuclei(img, 1.0)
+    from cyto_edge.runtime.nuclei import optical_density
+
+    od = optical_density(img)                  # uint8 BGR: one lookup table per channel
+    assert od.dtype == np.float32 and od.shape == img.shape and od.max() > 0.5
+    np.testing.assert_array_equal(od, optical_density(img.astype(np.float32)))   # = the float arithmetic
     assert count_nuclei(img.astype(np.uint16) * 257, 1.0) == n
     assert count_nuclei(np.dstack([img, np.full(img.shape[:2], 255, np.uint8)]), 1.0) == n   # BGRA
     gray = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)

@@ -318,7 +318,7 @@ class Pipeline:
         H, W = img.shape[:2]
         fit = self.size / max(H, W)                     # model px per frame px
         w, h = min(max(round(W * fit), 1), self.size), min(max(round(H * fit), 1), self.size)
-        inp = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)   # from the frame: one resampling
+        inp = img if (w, h) == (W, H) else cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)  # one resampling
         return self._batcher(1).fill(inp, [Tile(0, 0, w, h)]), (w, h)
 
     def preview_decode(self, outputs, size: tuple[int, int], frame_w: int) -> Detections:

@@ -67,6 +67,22 @@ def _quantiles(a: np.ndarray, qs=(50, 95)) -> dict:
     return {f"p{q}": round(float(v), 3) for q, v in zip(qs, np.percentile(a, qs))}
 
 
+def _lower_priority(nice: int) -> None:
+    """Make the calling thread yield the CPU to the preview (Linux: per-thread niceness); no-op elsewhere."""
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError:
+        pass
+
+
+def is_live(source) -> bool:
+    """A camera / stream, or synth:// pacing itself in real time (frames come whether read or not)."""
+    return bool(getattr(source, "live", False) or getattr(source, "realtime", False))
+
+
 class _Stats:
     """Bounded samples of latencies and stage timings. Summaries cost well under a millisecond: the
     /metrics and /api/status pollers ask for them every second while both cores grade."""
@@ -93,22 +109,6 @@ class _Stats:
         with self.lock:
             r = self.samples.get(name)
             return r.array() if r is not None else np.empty(0)
-
-
-def _lower_priority(nice: int) -> None:
-    """Make the calling thread yield the CPU to the preview (Linux: per-thread niceness); no-op elsewhere."""
-    if nice <= 0 or not hasattr(os, "setpriority"):
-        return
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
-    except OSError:
-        pass
-
-
-def is_live(source) -> bool:
-    """A camera / stream, or synth:// pacing itself in real time (frames come whether read or not)."""
-    return bool(getattr(source, "live", False) or getattr(source, "realtime", False))
 
 
 class LiveRunner:

@@ -90,13 +90,12 @@ def _od(values: np.ndarray, white: np.ndarray) -> np.ndarray:
 def optical_density(image: np.ndarray) -> np.ndarray:
     """Image -> (H, W, 3) float32 OD per BGR channel against the bright background (step 1)."""
     a = np.asarray(image)
-    if a.dtype == np.uint8 and a.ndim == 3 and a.shape[2] == 3 and a.size:
-        # a 256-entry table per channel: the same float32 arithmetic as below, once per grey level
-        white = np.maximum(np.percentile(a.reshape(-1, 3)[::7].astype(np.float32), 99.5, axis=0), 1.0)
+    bgr8 = a.dtype == np.uint8 and a.ndim == 3 and a.shape[2] == 3 and a.size > 0
+    img = a if bgr8 else _as_bgr_float(a)
+    white = np.maximum(np.percentile(img.reshape(-1, 3)[::7].astype(np.float32, copy=False), 99.5, axis=0), 1.0)
+    if bgr8:      # a 256-entry table per channel: the same float32 arithmetic, once per grey level
         lut = _od(np.arange(256, dtype=np.float32)[:, None], white)                      # (256, 3)
         return cv2.LUT(np.ascontiguousarray(a), lut.reshape(1, 256, 3))
-    img = _as_bgr_float(a)
-    white = np.maximum(np.percentile(img.reshape(-1, 3)[::7], 99.5, axis=0), 1.0)        # (3,)
     return _od(img, white)
 
 

@@ -350,7 +350,7 @@ def open_engine(bundle: Bundle, backend: str | None = None, *, precision: str | 
     opts = {"precision": precision or default_precision(bundle), "threads": threads}
     if device:
         opts["device"] = device
-    if spin_wait is not None and (backend or "onnxruntime") == "onnxruntime":
+    if spin_wait is not None:               # ONNX Runtime's option; the other engines ignore it
         opts["spin_wait"] = spin_wait
     return load_engine(bundle, backend or "onnxruntime", **opts)
 

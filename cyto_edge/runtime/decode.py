@@ -102,6 +102,14 @@ def encode_boxes(boxes_xyxy: np.ndarray, priors: np.ndarray, variances=(0.1, 0.1
                      np.log(w / priors[..., 2]) / v[2], np.log(h / priors[..., 3]) / v[3]], -1).astype(np.float32)
 
 
+def clip_boxes(boxes: np.ndarray, height: float, width: float) -> np.ndarray:
+    """(K, 4) xyxy clipped to [0, width] x [0, height], in place (np.clip's result, without its overhead)."""
+    lim = np.asarray([width, height, width, height], boxes.dtype)
+    np.maximum(boxes, 0, out=boxes)
+    np.minimum(boxes, lim, out=boxes)
+    return boxes
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)
@@ -127,9 +135,7 @@ def postprocess(loc: np.ndarray, logits: np.ndarray, priors: np.ndarray, varianc
         pi, ci, scores = pi[top], ci[top], scores[top]
     prior_idx = cand[pi]
     boxes = decode_boxes(loc[prior_idx], priors[prior_idx], variances, input_size)
-    H, W = input_size
-    boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, W)
-    boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, H)
+    clip_boxes(boxes, *input_size)
     ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     boxes, scores, ci, prior_idx = boxes[ok], scores[ok], ci[ok], prior_idx[ok]
     keep = batched_nms(boxes, scores, ci, cfg.nms_iou)[: cfg.max_detections]

@@ -39,7 +39,7 @@ import numpy as np
 
 from cyto_edge.errors import BadInput
 from cyto_edge.runtime.bundle import Bundle, BundleError
-from cyto_edge.runtime.decode import Detections, PostProcess, Tile
+from cyto_edge.runtime.decode import Detections, PostProcess, Tile, clip_boxes
 from cyto_edge.runtime.grading import FovGrade, GradingPolicy, grade_fov
 from cyto_edge.runtime.nuclei import NucleiParams, segment_nuclei
 from cyto_edge.runtime.quality import analyze
@@ -325,8 +325,9 @@ class Pipeline:
         """Raw outputs of a preview input -> detections in frame px."""
         w, h = size
         det = decode_tiles(outputs, self.priors, self.variances, self.size, self.cfg, self.rescore_weight)[0]
-        det.boxes[:, 0::2] = np.clip(det.boxes[:, 0::2], 0, w)
-        det.boxes[:, 1::2] = np.clip(det.boxes[:, 1::2], 0, h)
+        if len(det) == 0:
+            return det
+        clip_boxes(det.boxes, h, w)
         return det.shifted(0, 0, frame_w / w)           # model px -> frame px (x and y alike: aspect kept)
 
 

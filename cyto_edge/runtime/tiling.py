@@ -14,7 +14,7 @@ manifest's `output.mil.weight` (Bundle.rescore_weight()) and must be passed as `
 the device and `eval` re-score identically. A third output without a weight is refused, never ignored.
 
 Speed (the decoder's results are unchanged): priors that cannot pass the lowest class threshold are
-dropped before the softmax by two logit tests (`candidate_mask`); normalization works per channel on
+dropped before the softmax by two logit tests (`candidate_indices`); normalization works per channel on
 contiguous planes. With a `TileWorker` (the device's grading path), a helper thread fills batch k+1 and
 decodes batch k-1 while the engine runs batch k (two tile buffers, used in turn), so that the engine is
 seldom idle; the detections are identical to the serial path's. `timings`, when given, accumulates
@@ -143,31 +143,47 @@ class TileWorker:
             self._pool = None
 
 
-def candidate_mask(logits: np.ndarray, min_threshold: float) -> np.ndarray:
-    """(B, P, C+1) logits -> (B, P) bool: priors whose best foreground class could reach `min_threshold`.
+def candidate_indices(logits: np.ndarray, min_threshold: float) -> list[np.ndarray]:
+    """(B, P, C+1) logits -> per tile, the sorted indices of the priors whose best foreground class could
+    reach `min_threshold` (every prior when the threshold is not in (0, 1)).
 
     Two necessary conditions for p_c = softmax(l)_c >= t: p_c <= sigmoid(l_c - l_0), so l_c - l_0 >= logit(t)
     (a confident background); and sum_j exp(l_j) >= (C+1) exp(mean(l)) (Jensen), so l_c - mean(l) >=
-    log(t (C+1)) (an undecided prior, all classes alike)."""
+    log(t (C+1)) (an undecided prior, all classes alike). The first is tested on every prior, the second
+    only on those that pass the first; each tile's logits are transposed once (OpenCV, one pass) so that
+    the reduction over classes runs over contiguous rows."""
+    B, P, n = logits.shape
     if not 0.0 < min_threshold < 1.0:
-        return np.ones(logits.shape[:-1], bool)
-    n = logits.shape[-1]
-    t = np.ascontiguousarray(np.moveaxis(logits, -1, 0))               # (C+1, B, P): contiguous reductions
-    best = t[1:].max(0)                                                 # (B, P) best foreground logit
-    vs_background = best - t[0] >= math.log(min_threshold / (1.0 - min_threshold)) - LOGIT_MARGIN
-    best -= t.sum(0) / n
-    return vs_background & (best >= math.log(min_threshold * n) - LOGIT_MARGIN)
+        return [np.arange(P) for _ in range(B)]
+    k_background = np.float32(math.log(min_threshold / (1.0 - min_threshold)) - LOGIT_MARGIN)
+    k_mean = np.float32(math.log(min_threshold * n) - LOGIT_MARGIN)
+    out = []
+    for i in range(B):
+        t = _classes_first(logits[i])                                   # (C+1, P) contiguous
+        best = t[1:].max(0)                                             # (P,) best foreground logit
+        best -= t[0]
+        idx = np.flatnonzero(best >= k_background)
+        if idx.size:
+            sub = t[:, idx]
+            idx = idx[sub[1:].max(0) - sub.sum(0) / np.float32(n) >= k_mean]
+        out.append(idx)
+    return out
+
+
+def _classes_first(x: np.ndarray) -> np.ndarray:
+    """(P, K) -> (K, P) C-contiguous."""
+    if x.dtype == np.float32 and x.strides[-1] == 4 and x.strides[0] > 0:
+        return cv2.transpose(x)
+    return np.ascontiguousarray(x.T)
 
 
 def decode_tiles(outputs, priors: np.ndarray, variances, input_size: int, cfg: PostProcess,
                  rescore_weight: float | None = None) -> list[Detections]:
     """One batch of raw outputs -> one Detections per tile (tile pixels), as decode.postprocess gives them."""
     loc, logits = _rescored(outputs, rescore_weight)
-    cand = candidate_mask(logits, float(cfg.thresholds(logits.shape[-1] - 1).min()))
     C = logits.shape[-1] - 1
     out = []
-    for i in range(loc.shape[0]):
-        idx = np.flatnonzero(cand[i])
+    for i, idx in enumerate(candidate_indices(logits, float(cfg.thresholds(C).min()))):
         if idx.size == 0:                       # nothing can pass: what postprocess returns, without its work
             out.append(Detections.empty(C if cfg.keep_probs else None))
             continue

@@ -12,7 +12,7 @@ from cyto_edge.runtime.boxes import iou
 from cyto_edge.runtime.decode import PostProcess, postprocess, tile_grid
 from cyto_edge.runtime.grading import policy_from_manifest
 from cyto_edge.runtime.pipeline import Pipeline, ScaleWarning
-from cyto_edge.runtime.tiling import TileBatcher, cut_tiles, decode_tiles, normalize_batch, pad_value
+from cyto_edge.runtime.tiling import TileBatcher, candidate_indices, cut_tiles, decode_tiles, normalize_batch, pad_value
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -62,6 +62,21 @@ def test_logit_prefilter_keeps_the_decoders_results(thr, class_thr, bg, spread):
             np.testing.assert_array_equal(fast[b].labels, ref.labels)
             if keep_probs:
                 np.testing.assert_array_equal(fast[b].probs, ref.probs)
+
+
+def test_logit_prefilter_takes_any_layout_and_dtype():
+    """Engines hand back float32, float16 or strided views: the candidates are the same priors."""
+    rng = np.random.default_rng(2)
+    logits = rng.normal(0, 1.5, (2, 2000, 6)).astype(np.float32)
+    logits[..., 0] += 2.0
+    ref = candidate_indices(logits, 0.3)
+    assert 0 < sum(len(r) for r in ref) < 4000
+    wide = np.zeros((2, 2000, 9), np.float32)
+    wide[..., :6] = logits                                        # rows with a stride wider than 6 floats
+    for variant in (logits.astype(np.float64), wide[..., :6], np.asfortranarray(logits)):
+        for a, b in zip(candidate_indices(variant, 0.3), ref):
+            np.testing.assert_array_equal(a, b)
+    assert [len(r) for r in candidate_indices(logits, 1.0)] == [2000, 2000]   # no usable threshold: all
 
 
 def _pipe(tiny, blob_engine, cam=1.0, **kw):

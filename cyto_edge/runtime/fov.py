@@ -12,9 +12,10 @@ grey copies, in frame pixels per frame; when the correlation peak is too weak to
 than the window, a featureless field), a mean grey difference decides. A stop emits at most one event,
 and a new event needs motion first. While still, the tracker waits for focus to peak (no improvement of
 the stop's best focus for `settle_frames` frames) at a level within `focus_relative` of the recent
-fields' best (tissue-normalised, so sparse and dense fields compare), then emits the current frame if it
-is within `focus_relative` of the stop's best, else the best frame itself; after `max_wait_frames` it
-takes the best frame of the stop. A frame is never emitted when empty, below `focus_floor`, or below
+fields' best (tissue-normalised, so sparse and dense fields compare) or, below that level, for no
+improvement over `plateau_frames` frames (a field less sharp than the recent ones rather than a pause in
+focusing), then emits the current frame if it is within `focus_relative` of the stop's best, else the
+best frame itself; after `max_wait_frames` it takes the best frame of the stop. A frame is never emitted when empty, below `focus_floor`, or below
 `focus_min_recent` x the recent best (tissue-normalised) focus: a blurred field is skipped, not graded.
 """
 from __future__ import annotations
@@ -37,6 +38,9 @@ class FovConfig:
     focus_min_recent: float = 0.35     # never emit below this x the recent best focus_norm (blurred)
     settle_frames: int = 3             # frames without a better focus: focus has peaked
     max_wait_frames: int = 24          # still frames after which the stop's best frame is taken
+    plateau_frames: int = 8            # frames without a better focus after which a field less sharp than
+                                       # the recent ones is taken (fields differ: in-focus synth fields
+                                       # score 0.6-1.0 of the recent best)
     empty_threshold: float = 0.005     # tissue fraction below which a field is empty (see quality.py)
     new_field_fraction: float = 0.25   # drift during a stop beyond this x the frame side: a new field
     recent_frames: int = 300           # window of the recent-best focus
@@ -183,8 +187,9 @@ class FovTracker:
                 self._done = True
                 self.skipped_blurred += 1
             return None  # blurred: the operator may still be focusing
-        if not timeout and self.history.relative(cand.quality.focus_norm) < cfg.focus_relative:
-            return None  # a pause in focusing, less sharp than recent fields: give it until max_wait
+        if (not timeout and self._since_improve < cfg.plateau_frames
+                and self.history.relative(cand.quality.focus_norm) < cfg.focus_relative):
+            return None  # a pause in focusing, or a field less sharp than the recent ones: see if it improves
         return self._event(cand_frame, cand, "timeout" if timeout else "peak")
 
     def flush(self) -> FovEvent | None:
@@ -220,6 +225,11 @@ class FovTracker:
         return FovEvent(frame=frame, stop=self.stop, quality=a.quality,
                         relative_focus=a.quality.focus / best if best > 0 else 1.0,
                         reason=reason, waited_frames=self._waited)
+
+    @property
+    def drift(self) -> np.ndarray:
+        """(dx, dy) frame px the field has moved since the stage stopped (zero while moving)."""
+        return self._drift.copy()
 
     def stats(self) -> dict:
         return {"state": self.state, "stops": self.stop, "captured": self.captured,

@@ -11,8 +11,15 @@ Per frame, in the calling thread: FovTracker.update (stage still, sharp, not emp
 every `preview_every` frames the preview path and the overlay, handed to `on_preview(frame, result,
 overlay_bgr)`. The capture-to-overlay latency is measured from the frame's capture timestamp.
 
-FOVs go to one grading worker thread through a queue of `fov_queue` events: the worker grades one FOV at
-a time (`pipeline.grade`) and calls `on_fov(event, result)`; on Linux it runs `grade_nice` steps nicer
+While the stage stays still on a field that has been sent for grading (`hold_still`, the default), the
+preview does not run the model: it draws the field's last preview detections until the FOV is graded,
+then the graded ones (those the store keeps). The grading thread gets the cores the preview model would
+have used, and the screen shows what is stored. Motion, or a drift of more than `hold_drift_px` frame
+pixels since the hold began, runs the model again on the next frame.
+
+FOVs go to one grading worker thread through a queue of `fov_queue` events: the worker first runs one
+blank batch through the engine (`Pipeline.warm_up`), then grades one FOV at a time (`pipeline.grade`)
+and calls `on_fov(event, result)`; on Linux it runs `grade_nice` steps nicer
 than the loop, so that grading does not starve the preview. When the queue is full, a live source's
 newest FOV replaces the oldest waiting one (counted in `fovs_dropped`, ids kept in `dropped_fov_ids`);
 a recording waits instead, so no FOV of a recording is ever dropped. At the end the worker finishes the
@@ -115,13 +122,17 @@ class LiveRunner:
     def __init__(self, source, pipeline, tracker: FovTracker, *, on_preview: Callable | None = None,
                  on_fov: Callable | None = None, on_state: Callable | None = None, preview_every: int = 1,
                  latest_only: bool | None = None, fov_queue: int = 2, grade_every_frame: bool = False,
-                 overlay: bool = True, read_timeout: float = 0.5, grade_nice: int = 5):
+                 overlay: bool = True, read_timeout: float = 0.5, grade_nice: int = 5, hold_still: bool = True,
+                 hold_drift_px: float = 4.0):
         self.source, self.pipeline, self.tracker = source, pipeline, tracker
         self.on_preview, self.on_fov, self.on_state = on_preview, on_fov, on_state
         self.preview_every = max(int(preview_every), 1) if preview_every else 0
         self.live = is_live(source) if latest_only is None else bool(latest_only)
         self.fov_queue, self.grade_every_frame, self.overlay = max(int(fov_queue), 1), grade_every_frame, overlay
         self.read_timeout, self.grade_nice = read_timeout, int(grade_nice)
+        self.hold_still, self.hold_drift_px = bool(hold_still), float(hold_drift_px)
+        self._hold: tuple | None = None       # (stop, tracker drift when held, graded Detections or None)
+        self._last_det: tuple | None = None   # (stop, Detections) of the last preview that ran the model
         self.reader: LatestFrameReader | None = None
         self._q: collections.deque = collections.deque()
         self._cond = threading.Condition()
@@ -131,7 +142,7 @@ class LiveRunner:
         self._stop_start: dict[int, float] = {}        # tracker stop -> timestamp of its first still frame
         self._state = ""
         self._t0 = self._t_end = None
-        self.frames = self.previews = 0
+        self.frames = self.previews = self.previews_held = 0
         self.fovs_submitted = self.fovs_graded = self.fovs_dropped = 0
         self.engine_errors = self.callback_errors = 0
         self.dropped_fov_ids: collections.deque = collections.deque(maxlen=WINDOW)   # the latest ones
@@ -224,9 +235,29 @@ class LiveRunner:
         return FovEvent(frame=frame, stop=self.tracker.stop, quality=q, relative_focus=1.0, reason="every",
                         waited_frames=0)
 
+    def _held_detections(self):
+        """The detections to draw without running the model (see the module docstring), or None."""
+        with self._cond:
+            h = self._hold
+            if h is None:
+                return None
+            st = self.tracker.last
+            if (st is None or st.state != "still" or st.stop != h[0]
+                    or float(np.hypot(*(self.tracker.drift - h[1]))) > self.hold_drift_px):
+                self._hold = None                    # the stage moved: the model runs again
+                return None
+        if h[2] is not None:
+            return h[2]
+        return self._last_det[1] if self._last_det is not None and self._last_det[0] == h[0] else None
+
     def _preview(self, frame: Frame) -> None:
         try:
-            res = self.pipeline.preview(frame.image)
+            held = self._held_detections()
+            res = self.pipeline.preview(frame.image, detections=held)
+            if held is None:
+                self._last_det = (self.tracker.stop, res.detections)
+            else:
+                self.previews_held += 1
         except Exception as e:  # noqa: BLE001 - an engine failure is reported; the loop carries on
             self.engine_errors += 1
             self.last_error = f"preview: {type(e).__name__}: {e}"
@@ -259,6 +290,9 @@ class LiveRunner:
     # -- the grading worker -------------------------------------------------------------------------------
     def _submit(self, event: FovEvent) -> None:
         with self._cond:
+            st = self.tracker.last
+            if self.hold_still and st is not None and st.state == "still" and st.stop == event.stop:
+                self._hold = (event.stop, self.tracker.drift, None)
             fov_id = self.fovs_submitted
             self.fovs_submitted += 1
             if len(self._q) >= self.fov_queue:
@@ -274,6 +308,12 @@ class LiveRunner:
 
     def _grading_worker(self) -> None:
         _lower_priority(self.grade_nice)
+        warm_up = getattr(self.pipeline, "warm_up", None)
+        if callable(warm_up) and not self.grade_every_frame:
+            try:
+                warm_up()                   # while the stage still moves to the first field
+            except Exception as e:  # noqa: BLE001 - the first FOV will report the engine's error
+                self.last_error = f"warm-up: {type(e).__name__}: {e}"
         while True:
             with self._cond:
                 while not self._q and not self._closing:
@@ -299,6 +339,9 @@ class LiveRunner:
                 self.callback_errors += 1
                 self.last_error = f"on_fov: {type(e).__name__}: {e}"
                 self._emit_state("callback_error", {"where": "on_fov", "fov_id": fov_id, "error": self.last_error})
+        with self._cond:
+            if self._hold is not None and self._hold[0] == event.stop:
+                self._hold = (*self._hold[:2], result.detections)   # the stored detections from now on
         now = time.monotonic()
         self.last_grade = result.grade
         self.fovs_graded += 1
@@ -322,7 +365,7 @@ class LiveRunner:
         el = end - self._t0 if self._t0 else 0.0
         lat = self._stats.values("latency_ms")
         q = self._stats.values
-        s = {"elapsed_s": round(el, 3), "frames": self.frames, "previews": self.previews,
+        s = {"elapsed_s": round(el, 3), "frames": self.frames, "previews": self.previews, "previews_held": self.previews_held,
              "fps": round(self.frames / el, 2) if el > 0 else None, "live": self.live,
              "latency_ms": {**_quantiles(lat), "max": round(float(lat.max()), 3) if lat.size else None},
              "frames_dropped": self._frames_dropped(),

@@ -160,6 +160,8 @@ class PipelineSettings(_M):
     still_frames: int = Field(3, ge=1)                 # consecutive still frames before a stop counts
     settle_frames: int = Field(3, ge=1)                # frames without focus improvement: focus has peaked
     max_wait_frames: int = Field(24, ge=1)             # then the best frame of the stop is taken
+    plateau_frames: int = Field(8, ge=1)               # no better focus for this long: a less sharp field is
+                                                       # taken before max_wait (fields differ in sharpness)
     empty_threshold: float = Field(0.005, ge=0, le=1)  # tissue fraction below which a field is empty
 
     def fov_config(self):

@@ -90,6 +90,20 @@ def test_each_non_empty_pause_is_captured_once_and_sharp(slide):
     assert all(e.quality.tissue > 0.1 and not e.quality.empty for e in events)
 
 
+def test_a_field_less_sharp_than_the_recent_ones_is_taken_once_its_focus_stops_changing(slide):
+    """Fields differ in sharpness: one whose focus has stopped improving is taken after plateau_frames,
+    not held until max_wait_frames (which still applies with a longer plateau)."""
+    plan = [("pause", 12, 0.0), ("move", 25, (10, 0)), ("pause", 40, 0.5)]   # the second field half as sharp
+    tr, events = run(plan, slide)
+    assert [e.frame.meta["pause"] for e in events] == [1, 2]
+    first, second = events
+    assert second.relative_focus > 0.95 and tr.history.relative(second.quality.focus_norm) < 0.6
+    cfg = FovConfig()
+    assert second.reason == "peak" and first.waited_frames < second.waited_frames < cfg.max_wait_frames
+    tr, events = run(plan, slide, FovConfig(plateau_frames=100))
+    assert events[1].reason == "timeout" and events[1].waited_frames == cfg.max_wait_frames
+
+
 def test_focus_dip_takes_the_sharp_frame_not_the_blurred_current_one(slide):
     tr, events = run([("move", 10, (10, 0)), ("pause", 20, DIP)], slide)
     assert len(events) == 1

@@ -46,6 +46,33 @@ def test_each_non_empty_stop_is_graded_once_through_the_runner(tiny, blob_engine
     assert {"infer", "count", "total"} <= set(stats["grade_ms"]) and states[-1] == "ended"
 
 
+def test_a_still_field_being_graded_is_previewed_without_the_model_then_with_its_graded_detections(tiny,
+                                                                                                   blob_engine):
+    previews, graded = [], {}
+
+    def on_fov(e, r):
+        graded[e.stop] = r.detections
+
+    with open_source(SYNTH + "&realtime=0") as src:
+        runner = LiveRunner(src, _pipe(tiny, blob_engine(tiny)), FovTracker(), on_fov=on_fov,
+                            on_preview=lambda f, r, o: (previews.append(({**f.meta, "state": runner.tracker.state},
+                                                                         runner.tracker.stop, r)),
+                                                        time.sleep(0.005)))          # a display's pace
+        stats = runner.run()
+    held = [(meta, stop, r) for meta, stop, r in previews if "infer" not in r.timings]
+    assert stats["previews_held"] == len(held) > 0 and len(held) < len(previews)
+    first = {}                                  # where the view was at each stop's first held frame
+    for meta, stop, _ in held:
+        x0, y0 = first.setdefault(stop, (meta["stage_x"], meta["stage_y"]))
+        assert np.hypot(meta["stage_x"] - x0, meta["stage_y"] - y0) <= runner.hold_drift_px + 1.0, meta
+    assert {meta["state"] for meta, _, _ in held} == {"still"}              # motion runs the model again
+    shown = [stop for _, stop, r in held if stop in graded and r.detections is graded[stop]]
+    assert shown                                                             # the stored detections, drawn
+    with open_source(SYNTH + "&realtime=0") as src:
+        off = LiveRunner(src, _pipe(tiny, blob_engine(tiny)), FovTracker(), hold_still=False).run()
+    assert off["previews_held"] == 0 and off["fovs"]["graded"] == stats["fovs"]["graded"]
+
+
 def _folder(tmp_path, real_frame, n):
     d = tmp_path / "fields"
     d.mkdir()
@@ -140,11 +167,13 @@ def test_stage_still_in_real_time_through_the_latest_frame_reader(tiny, blob_eng
 
 def test_a_recording_that_ends_on_a_still_field_grades_that_field(tiny, blob_engine):
     """seed=1: the last stop is less sharp than the recent fields and the stream ends before the tracker's
-    max wait; the runner flushes the tracker, so the field is graded once, not lost."""
+    max wait (and before its plateau wait, made long here); the runner flushes the tracker, so the field is
+    graded once, not lost."""
     events = []
     uri = "synth://?seed=1&width=640&height=480&stops=6&fps=12&slide_width=2048&slide_height=1536&realtime=0"
     with open_source(uri) as src:
-        LiveRunner(src, _pipe(tiny, blob_engine(tiny)), FovTracker(), on_fov=lambda e, r: events.append(e)).run()
+        LiveRunner(src, _pipe(tiny, blob_engine(tiny)), FovTracker(FovConfig(plateau_frames=1000)),
+                   on_fov=lambda e, r: events.append(e)).run()
         last = max(s["id"] for s in src.schedule if not s["empty"])
     assert events[-1].frame.meta["stop_id"] == last and events[-1].reason == "end"
     assert [e.reason for e in events[:-1]].count("end") == 0

@@ -1,7 +1,8 @@
 """Soak test of `cyto-edge serve`: synth:// at camera rate, one slide session, the API polled while it grades.
 
 Targets (issue 8), from one run of the daemon as its own process:
-  memory   RSS growth after warm-up <= 5% (the floor of the first fifth after warm-up vs the last fifth)
+  memory   RSS growth after warm-up <= 5% (first fifth after warm-up vs the last fifth: the middle of the
+           growths of the floor, the median and the peak; see memory_growth)
   fovs     zero lost FOVs against the stage's stop schedule: every non-empty stop visited between the first
            and the last graded one has a stored FOV (and none has two)
   api      p95 < 50 ms over /api/status, /api/sessions/ID (slide summary), the newest FOVs, /metrics and
@@ -131,18 +132,26 @@ class Poller(threading.Thread):
                 self.stop.wait(max(0.0, self.period - (time.perf_counter() - t0)))
 
 
-def memory_growth(rss: list[tuple[float, float]], warmup_s: float) -> tuple[float, float, list, list]:
-    """(growth of the floor %, growth of the median %, first window, last window) after warm-up.
+def memory_growth(rss: list[tuple[float, float]], warmup_s: float) -> tuple[dict, list, list]:
+    """Growth in % of the floor, the median and the peak of RSS after warm-up, and the one the target
+    judges ("growth": the middle of the three), with the first and the last window.
 
-    RSS swings by tens of MB with every FOV graded (tile batches, frames, JPEG buffers come and go), so
-    a leak shows in the floor: the minimum over the first fifth of the run after warm-up against the
-    minimum over the last fifth (at least 6 samples each)."""
+    RSS swings by tens of MB with every FOV graded (tile batches, frames, JPEG buffers come and go), and it
+    is bimodal: now and then glibc hands the free top of the heap back to the system (here ~475 -> ~420
+    MB), at moments of its own choosing. The first fifth of the run after warm-up is compared with the last
+    fifth (at least 6 samples each). A leak raises all three statistics; a window with or without one of
+    those drops moves one of them (the floor, when only the first window has a drop), so the middle one
+    is judged."""
     after = [m for t, m in rss if t >= warmup_s] or [m for _, m in rss]
     k = max(6, len(after) // 5)
     base, end = after[:k], after[-k:]
-    floor = 100 * (min(end) - min(base)) / min(base)
-    median = 100 * (float(np.median(end)) - float(np.median(base))) / float(np.median(base))
-    return floor, median, base, end
+
+    def pct(f) -> float:
+        return 100 * (float(f(end)) - float(f(base))) / float(f(base))
+
+    g = {"floor": pct(min), "median": pct(np.median), "peak": pct(max)}
+    g["growth"] = float(np.median([g["floor"], g["median"], g["peak"]]))
+    return g, base, end
 
 
 def lost_fovs(root: Path, stops: list[dict]) -> dict:
@@ -192,15 +201,16 @@ def soak(bundle: Path, backend: str, precision: str, minutes: float, warmup_s: f
     finally:
         proc.terminate()
         rc = proc.wait(120)
-    growth, growth_median, base, end = memory_growth(rss, warmup_s)
+    g, base, end = memory_growth(rss, warmup_s)
     every = [x for v in poller.ms.values() for x in v]
     api = {ep.split("?")[0].replace("{sid}", "ID"): {"p50": round(float(np.percentile(v, 50)), 2),
                                                      "p95": round(float(np.percentile(v, 95)), 2), "n": len(v)}
            for ep, v in poller.ms.items() if v}
     out = {"minutes": minutes, "warmup_s": warmup_s, "memory": {
         "rss_mb_floor_after_warmup": round(min(base), 1), "rss_mb_floor_end": round(min(end), 1),
-        "rss_mb_max": round(max(m for _, m in rss), 1), "growth_percent": round(growth, 2),
-        "growth_percent_of_medians": round(growth_median, 2), "target_percent": 5.0,
+        "rss_mb_max": round(max(m for _, m in rss), 1), "growth_percent": round(g["growth"], 2),
+        "growth_percent_of_floors": round(g["floor"], 2), "growth_percent_of_medians": round(g["median"], 2),
+        "growth_percent_of_peaks": round(g["peak"], 2), "target_percent": 5.0,
         "samples": [(t, round(m, 1)) for t, m in rss]},
         "fovs": lost_fovs(work / "data", stops),
         "api_ms": {"p50": round(float(np.percentile(every, 50)), 2), "p95": round(float(np.percentile(every, 95)), 2),
@@ -212,7 +222,7 @@ def soak(bundle: Path, backend: str, precision: str, minutes: float, warmup_s: f
                    "camera": status["camera"]["state"], "engine": status["engine"]["state"],
                    "disk_alert": status["disk"]["alert"], "exit_code_after_sigterm": rc},
         "engine": f"{backend} {precision}", "load_before": before, "load_after": load()}
-    out["pass"] = {"memory": growth <= 5.0, "lost_fovs": out["fovs"]["lost"] == 0,
+    out["pass"] = {"memory": g["growth"] <= 5.0, "lost_fovs": out["fovs"]["lost"] == 0,
                    "api_p95": out["api_ms"]["p95"] < 50.0}
     if keep:
         out["kept"] = str(work)

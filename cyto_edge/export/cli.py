@@ -106,6 +106,44 @@ def register(app: typer.Typer) -> None:
             _print_summary(summary)
         raise_failures(summary)
 
+    @app.command("add-stage")
+    def add_stage(
+        stage: Path = typer.Argument(..., help="classifier.pt (train-classifier), grader.pt (train-grader), or an "
+                                               "exported stage .onnx."),
+        bundle: Path = typer.Argument(..., help="The detector bundle directory (NAME.cytobundle) to add it to."),
+        as_json: bool = typer.Option(False, "--json", help="Print the stage record as JSON."),
+    ):
+        """Add a second stage (the cell classifier or the learned FOV grader) to a detector bundle.
+
+        \b
+        The checkpoint is exported to ONNX and checked against torch with ONNX
+        Runtime (max |diff| <= 1e-4), its classes are checked against the
+        bundle's (class names and Bethesda mapping for the classifier, Bethesda
+        grades for the grader), then the file is copied into the bundle and the
+        manifest re-hashed. An earlier stage of the same kind is replaced.
+        The runtime then reclassifies detected cells (classifier) and grades
+        each FOV with the model beside the rule-based grade (grader).
+
+        \b
+        Examples:
+          cyto-edge add-stage runs/classifier/classifier.pt cyto.cytobundle
+          cyto-edge add-stage runs/grader/grader.pt cyto.cytobundle
+        """
+        import tempfile
+
+        from cyto_edge._cli_util import print_json
+        from cyto_edge.export.second_stage import add_to_bundle, export_stage
+
+        with tempfile.TemporaryDirectory(prefix="cyto-stage-") as tmp:
+            rec = add_to_bundle(bundle, export_stage(stage, tmp))
+        if as_json:
+            print_json(rec)
+        else:
+            m = rec.get("metrics") or {}
+            acc = f", accuracy {m['accuracy']:.3f} on its test data" if "accuracy" in m else ""
+            print(f"{bundle}: {rec['kind']} {rec['file']} added ({len(rec['classes'])} classes: "
+                  f"{', '.join(rec['classes'])}; ONNX Runtime vs torch max |diff| {rec['max_abs_diff']:.1e}{acc})")
+
     @app.command("build-engine")
     def build_engine(
         bundle: Path = typer.Argument(..., help="A bundle exported with --target jetson."),

@@ -4,6 +4,9 @@
     stage = stage_info(path)                 # the dict the bundle manifest keeps under stages.classifier
     add_to_bundle("model.cytobundle", path)  # copies the file in, checks classes, re-hashes the manifest
 
+or, from a shell, `cyto-edge add-stage runs/classifier/classifier.pt model.cytobundle` (export_stage +
+add_to_bundle).
+
 Each export is verified against torch with ONNX Runtime (CPU) on random inputs; the largest absolute
 difference is recorded in the stage dict (`max_abs_diff`) and an export above `TOLERANCE` fails
 (CheckFailed). The stage dict travels inside the ONNX file (metadata_props key `cyto_edge.stage`, JSON).
@@ -212,6 +215,32 @@ def check_classes(stage: dict, classes: list[str], bethesda: dict[str, str]) -> 
             raise BadInput(f"grader grades {bad} are not Bethesda categories of the bundle ({', '.join(sorted(have, key=SEVERITY.get))})")
         if list(stage["classes"]) != sorted(stage["classes"], key=BETHESDA_ORDER.index):
             raise BadInput(f"grader classes {stage['classes']} are not in Bethesda severity order")
+
+
+def export_stage(src: str | Path, out_dir: str | Path) -> Path:
+    """A second stage as a verified ONNX file in out_dir: a `train-classifier` or `train-grader`
+    checkpoint is exported (its kind read from the checkpoint), an exported stage (.onnx) is used as it is."""
+    from cyto_edge.train.classify import CKPT_FORMAT as CLASSIFIER
+    from cyto_edge.train.grade_train import CKPT_FORMAT as GRADER
+
+    p = Path(src)
+    if not p.is_file():
+        raise BadInput(f"{p}: no such file (a classifier.pt, grader.pt or exported stage .onnx)")
+    if p.suffix == ".onnx":
+        stage_info(p)                                   # refuses an ONNX file that is not a stage
+        return p
+    try:
+        fmt = torch.load(p, map_location="cpu", weights_only=False).get("format")
+    except Exception as e:  # noqa: BLE001 - any unpickling error is a bad file
+        raise BadInput(f"{p}: not a readable checkpoint ({type(e).__name__})") from None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if fmt == CLASSIFIER:
+        return export_classifier(p, out / FILE_NAMES["classifier"])
+    if fmt == GRADER:
+        return export_grader(p, out / FILE_NAMES["grader"])
+    raise BadInput(f"{p}: not a second-stage checkpoint (format {fmt!r}); give the classifier.pt of "
+                   "`cyto-edge train-classifier` or the grader.pt of `cyto-edge train-grader`")
 
 
 def add_to_bundle(bundle_dir: str | Path, onnx_path: str | Path) -> dict:

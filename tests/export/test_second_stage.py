@@ -116,6 +116,34 @@ def test_second_stages_join_a_bundle_when_classes_match(tmp_path, classifier_ckp
     assert b.manifest.stages["classifier"]["classes"] == ["lsil", "hsil", "normal"]
 
 
+def test_add_stage_command_exports_checks_and_adds_either_stage(tmp_path, classifier_ckpt, capsys):
+    import json
+
+    from cyto_edge.cli import main
+
+    bundle = make_bundle(tmp_path / "b.cytobundle")
+    assert main(["add-stage", str(classifier_ckpt), str(bundle)]) == 0
+    assert "classifier classifier.onnx added (3 classes" in capsys.readouterr().out
+    assert main(["add-stage", str(grader_ckpt(tmp_path)[0]), str(bundle), "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["kind"] == "grader" and rec["max_abs_diff"] <= 1e-4
+    b = Bundle.open(bundle)                                              # hashes re-verified
+    assert set(b.manifest.stages) == {"classifier", "grader"} and (b.path / "grader.onnx").is_file()
+    again = export_classifier(classifier_ckpt, tmp_path / "clf.onnx")    # an exported file is taken as it is
+    assert main(["add-stage", str(again), str(bundle)]) == 0
+    assert [f.role for f in Bundle.open(bundle).manifest.files].count("classifier") == 1
+    capsys.readouterr()
+    detector_like = tmp_path / "best.pt"
+    torch.save({"format": "cyto-edge/detector", "state_dict": {}}, detector_like)
+    assert main(["add-stage", str(detector_like), str(bundle)]) == 2
+    assert "not a second-stage checkpoint (format 'cyto-edge/detector')" in capsys.readouterr().err
+    assert main(["add-stage", str(tmp_path / "missing.pt"), str(bundle)]) == 2
+    other = make_bundle(tmp_path / "other.cytobundle", classes=("ascus", "scc"),
+                        bethesda={"ascus": "ASC-US", "scc": "SCC"})
+    assert main(["add-stage", str(classifier_ckpt), str(other)]) == 2    # classes do not match: refused
+    assert "are not classes of the bundle" in capsys.readouterr().err and Bundle.open(other).manifest.stages == {}
+
+
 def test_a_second_stage_whose_classes_do_not_match_is_refused(tmp_path, classifier_ckpt):
     clf = export_classifier(classifier_ckpt, tmp_path / "clf.onnx")
     other = make_bundle(tmp_path / "other.cytobundle", classes=("ascus", "scc"),

@@ -27,7 +27,8 @@ metrics.json (accuracy, per-class precision/recall/F1, confusion matrix) and con
 --folds K (the paper's 5-fold cross-validation) every fold is trained and tested on its held-out part:
 foldK.pt and confusion_foldK.png, and the mean and std of the accuracy; train the model you deploy on
 all the data with --folds 1. --bundle checks that the classes are the detector bundle's (the runtime
-reclassifies its detections by class name); export with cyto_edge.export.second_stage.
+reclassifies its detections by class name); put it in the bundle with
+`cyto-edge add-stage OUT/classifier.pt BUNDLE`.
 """
 
 

@@ -25,8 +25,9 @@ Examples:
   cyto-edge train-grader --data data/synth --backbone runs/classifier/classifier.pt --freeze-backbone
 
 Writes OUT/grader.pt (weights, grades, preprocessing, how cells are chosen), metrics.json (accuracy,
-per-grade precision/recall/F1, sensitivity and specificity of >= LSIL) and confusion.png. Export with
-cyto_edge.export.second_stage.export_grader: FOV probabilities and per-cell cross-attention scores.
+per-grade precision/recall/F1, sensitivity and specificity of >= LSIL) and confusion.png. Put it in the
+bundle with `cyto-edge add-stage OUT/grader.pt BUNDLE` (ONNX: FOV probabilities and per-cell
+cross-attention scores).
 """
 
 

@@ -9,12 +9,11 @@ from cyto_edge.runtime.bundle import Bundle
 from cyto_edge.runtime.grading import policy_from_manifest
 from cyto_edge.runtime.pipeline import Pipeline
 from cyto_edge.runtime.second_stage import cut_crop, raster_order
+from tests.runtime.stage_util import CELLS
+from tests.runtime.stage_util import grader_onnx as _grader
 
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)
-
-CELLS = {"source": "nuclei", "max_cells": 16, "row_px": 32.0, "rank": "nuclear_area", "window_um": 48.0,
-         "um_per_px": 1.0, "merge": {}}
 
 
 def _classifier(tmp_path):
@@ -28,21 +27,6 @@ def _classifier(tmp_path):
                     {"lsil": "LSIL", "hsil": "HSIL", "normal": "NILM"}, CropSpec(context=0.25), "test")
     torch.save(checkpoint(build(s, 3).eval(), s, crops, {}), tmp_path / "clf.pt")
     return export_classifier(tmp_path / "clf.pt", tmp_path / "clf.onnx")
-
-
-def _grader(tmp_path):
-    from cyto_edge.export.second_stage import export_grader
-    from cyto_edge.train.cellcrops import CropSpec
-    from cyto_edge.train.grade_train import FovSet, GraderSettings, checkpoint
-    from cyto_edge.train.models.grader import FOVGrader
-
-    s = GraderSettings(crop=24, width=4, hidden=8, vit_dim=16, vit_layers=1, vit_heads=2, max_cells=16,
-                       window_um=48.0)
-    torch.manual_seed(0)
-    model = FOVGrader(s.config(3)).eval()
-    fs = FovSet([], np.zeros(0, np.int64), ["NILM", "LSIL", "HSIL"], [], CELLS, CropSpec(context=0.0, fixed_side=48))
-    torch.save(checkpoint(model, s, fs, {}), tmp_path / "grader.pt")
-    return export_grader(tmp_path / "grader.pt", tmp_path / "grader.onnx"), s
 
 
 @pytest.fixture(scope="module")

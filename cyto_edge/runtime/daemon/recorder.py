@@ -157,7 +157,7 @@ class Recorder:
         wall = time.time() - (time.monotonic() - frame.timestamp)
         learned = result.learned_grade or None
         extra = {k: v for k, v in (("classified", result.classified), ("warnings", result.warnings or None),
-                                   ("cell_attention", result.cell_attention)) if v is not None}
+                                   ("grader_cells", _grader_cells(result))) if v is not None}
         return {
             "session_id": session_id, "seq": seq, "captured_utc": _iso(wall), "t_session_s": round(t_session_s, 3),
             "boot_id": boot_id(), "captured_mono": round(frame.timestamp, 4), "grade": g.grade,
@@ -188,3 +188,11 @@ def _iso(t: float) -> str:
     import datetime as dt
 
     return dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _grader_cells(result) -> dict | None:
+    """The learned grader's cells (frame px boxes, raster order) with the cross-attention it paid each."""
+    if result.cell_attention is None or result.cell_boxes is None:
+        return None
+    return {"boxes": np.round(np.asarray(result.cell_boxes, np.float64), 1).tolist(),
+            "attention": np.round(np.asarray(result.cell_attention, np.float64), 5).tolist()}

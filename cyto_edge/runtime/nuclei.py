@@ -32,6 +32,7 @@ import cv2
 import numpy as np
 
 from cyto_edge.errors import BadInput
+from cyto_edge.runtime.tiling import rescale
 
 
 @dataclass(frozen=True)
@@ -87,12 +88,28 @@ def _od(values: np.ndarray, white: np.ndarray) -> np.ndarray:
     return np.maximum(-np.log(np.clip(values, 1.0, None) / white), 0).astype(np.float32)
 
 
+def _percentile_u8(hist: np.ndarray, q: float) -> float:
+    """np.percentile(values, q) (its default, linear interpolation) of uint8 values given by their histogram."""
+    n = int(hist.sum())
+    pos = q / 100.0 * (n - 1)
+    lo = int(np.floor(pos))
+    cum = np.cumsum(hist)
+    v_lo = int(np.searchsorted(cum, lo + 1))          # the value of order statistic lo (0-based)
+    v_hi = int(np.searchsorted(cum, min(lo + 1, n - 1) + 1))
+    return v_lo + (pos - lo) * (v_hi - v_lo)
+
+
 def optical_density(image: np.ndarray) -> np.ndarray:
     """Image -> (H, W, 3) float32 OD per BGR channel against the bright background (step 1)."""
     a = np.asarray(image)
     bgr8 = a.dtype == np.uint8 and a.ndim == 3 and a.shape[2] == 3 and a.size > 0
     img = a if bgr8 else _as_bgr_float(a)
-    white = np.maximum(np.percentile(img.reshape(-1, 3)[::7].astype(np.float32, copy=False), 99.5, axis=0), 1.0)
+    sample = img.reshape(-1, 3)[::7]
+    if bgr8:      # np.percentile's value (linear between order statistics), from a histogram per channel
+        white = np.maximum([_percentile_u8(np.bincount(sample[:, c], minlength=256), 99.5) for c in range(3)], 1.0)
+    else:
+        white = np.maximum(np.percentile(sample.astype(np.float32, copy=False), 99.5, axis=0), 1.0)
+    white = white.astype(np.float32)
     if bgr8:      # a 256-entry table per channel: the same float32 arithmetic, once per grey level
         lut = _od(np.arange(256, dtype=np.float32)[:, None], white)                      # (256, 3)
         return cv2.LUT(np.ascontiguousarray(a), lut.reshape(1, 256, 3))
@@ -101,7 +118,7 @@ def optical_density(image: np.ndarray) -> np.ndarray:
 
 def nuclear_density(od: np.ndarray, um_per_px: float, p: NucleiParams = NucleiParams()) -> np.ndarray:
     """(H, W, 3) OD -> (H, W) float32 hematoxylin-like OD with the cytoplasm background removed (steps 2-3)."""
-    h = np.clip(np.minimum(od[..., 1], od[..., 2]), 0, None).astype(np.float32)
+    h = np.maximum(np.minimum(od[..., 1], od[..., 2]), 0, dtype=np.float32)
     s = max(p.smooth_um / um_per_px, 0.4)
     h = cv2.GaussianBlur(h, (0, 0), s)
     d = int(round(p.background_um / um_per_px)) | 1
@@ -117,9 +134,11 @@ def _field_threshold(dens: np.ndarray, p: NucleiParams, um_per_px: float) -> flo
     n, lab = cv2.connectedComponents((dens >= p.min_contrast).astype(np.uint8), connectivity=8)
     if n <= 1:
         return p.max_contrast
-    area = np.bincount(lab.ravel(), minlength=n)[1:]
+    on = lab > 0                                   # areas and peaks from the blobs' pixels only
+    blob = lab[on]
+    area = np.bincount(blob, minlength=n)[1:]
     peak = np.zeros(n, np.float32)
-    np.maximum.at(peak, lab.ravel(), dens.ravel())
+    np.maximum.at(peak, blob, dens[on])
     peak = peak[1:][area >= p.min_area_um2 / um_per_px ** 2]
     if len(peak) == 0:
         return p.max_contrast
@@ -239,7 +258,9 @@ def segment_nuclei(image: np.ndarray, um_per_px: float, params: NucleiParams | N
     img, scale = np.asarray(image), 1.0
     if um_per_px < p.work_um_per_px:
         scale = um_per_px / p.work_um_per_px
-        img = cv2.resize(_as_bgr_float(img), None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        if not (img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3):
+            img = _as_bgr_float(img)     # a BGR uint8 frame is resampled as it is (and keeps the OD table)
+        img = rescale(img, scale)        # as the detector's frames: k x k area means, then bilinear
         um_per_px = p.work_um_per_px
     od = optical_density(img)                                                              # (H, W, 3)
     dens = nuclear_density(od, um_per_px, p)                                               # (H, W)

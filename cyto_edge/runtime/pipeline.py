@@ -339,6 +339,8 @@ class Pipeline:
         if len(det) == 0:
             return det
         clip_boxes(det.boxes, h, w)
+        if frame_w == w:                                # a frame at the input size: model px are frame px
+            return det
         return det.shifted(0, 0, frame_w / w)           # model px -> frame px (x and y alike: aspect kept)
 
 

@@ -40,20 +40,28 @@ LOGIT_MARGIN = 1e-3  # slack of the logit pre-filter against float rounding in t
 
 
 def _norm_consts(mean, std, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """(3,) float32 m and inv with x = (pixel - m) * inv == (pixel * scale - mean) / std."""
-    m = np.asarray(mean, np.float32) / np.float32(scale)
-    inv = np.float32(1.0) / (np.asarray(std, np.float32) / np.float32(scale))
-    return m.astype(np.float32), inv.astype(np.float32)
+    """(3,) float32 gain a and offset b with x = pixel a + b == (pixel * scale - mean) / std."""
+    a = np.float32(scale) / np.asarray(std, np.float32)
+    b = -np.asarray(mean, np.float32) / np.asarray(std, np.float32)
+    return a.astype(np.float32), b.astype(np.float32)
+
+
+def _normalize_plane(src: np.ndarray, dst: np.ndarray, gain: float, offset: float) -> None:
+    """dst (h, w) float32 <- src (h, w) uint8 x gain + offset, one pass (OpenCV's addWeighted with a zero
+    second weight; dst may be a view with a row stride, it is written in place). normalize_batch and
+    TileBatcher both normalize through it, so their numbers are equal bit for bit."""
+    cv2.addWeighted(src, float(gain), src, 0.0, float(offset), dst=dst, dtype=cv2.CV_32F)
 
 
 def normalize_batch(tiles: np.ndarray, mean, std, scale: float = 1 / 255.0, channels=RGB) -> np.ndarray:
     """(T, H, W, 3) uint8 -> (T, 3, H, W) float32, x = (pixel * scale - mean) / std; model channel c is
     image channel `channels[c]`."""
-    m, inv = _norm_consts(mean, std, scale)
+    a, b = _norm_consts(mean, std, scale)
     out = np.empty((tiles.shape[0], 3, *tiles.shape[1:3]), np.float32)
-    for c in range(3):
-        np.subtract(tiles[..., channels[c]], m[c], out=out[:, c], dtype=np.float32)
-        out[:, c] *= inv[c]
+    for i in range(tiles.shape[0]):
+        planes = cv2.split(np.ascontiguousarray(tiles[i]))
+        for c in range(3):
+            _normalize_plane(planes[channels[c]], out[i, c], a[c], b[c])
     return out
 
 
@@ -95,14 +103,17 @@ class TileBatcher:
     """Writes normalized tiles of a frame into one reused (batch, 3, S, S) float32 buffer.
 
     Identical numbers to cut_tiles + normalize_batch (padding = the normalized pad_value), without the
-    intermediate uint8 copy of every tile.
+    intermediate uint8 copy of every tile: each tile's planes are normalized straight into the buffer.
     """
 
     def __init__(self, size: int, batch_size: int, mean, std, scale: float = 1 / 255.0, channels=RGB):
         self.size, self.batch_size, self.channels = int(size), max(int(batch_size), 1), tuple(channels)
-        self.m, self.inv = _norm_consts(mean, std, scale)
-        pad = np.asarray([pad_value(mean)[c] for c in range(3)], np.float32)  # model channel order
-        self.pad = ((pad - self.m) * self.inv).astype(np.float32)             # (3,) normalized padding
+        self.a, self.b = _norm_consts(mean, std, scale)
+        pad = np.asarray([pad_value(mean)[c] for c in range(3)], np.uint8)    # model channel order
+        self.pad = np.empty((1, 3), np.float32)                                # the normalized padding,
+        for c in range(3):                                                     # as the pixels are
+            _normalize_plane(pad[c:c + 1, None], self.pad[:, c:c + 1], self.a[c], self.b[c])
+        self.pad = self.pad[0]
         self.buf = np.empty((self.batch_size, 3, self.size, self.size), np.float32)
 
     def fill(self, img: np.ndarray, tiles: list[Tile]) -> np.ndarray:
@@ -114,10 +125,7 @@ class TileBatcher:
                 plane = self.buf[i, c]
                 if t.h < S or t.w < S:
                     plane[...] = self.pad[c]
-                dst = plane[:t.h, :t.w]
-                dst[...] = planes[self.channels[c]]                       # uint8 -> float32, then in place:
-                dst -= self.m[c]                                          # the same float32 operations as
-                dst *= self.inv[c]                                        # normalize_batch, bit for bit
+                _normalize_plane(planes[self.channels[c]], plane[:t.h, :t.w], self.a[c], self.b[c])
         return self.buf[:len(tiles)]
 
 

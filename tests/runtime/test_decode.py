@@ -35,14 +35,23 @@ def test_encode_inverts_decode():
     np.testing.assert_allclose(encode_boxes(boxes, pri, size=(320, 320)), loc, atol=2e-3)
 
 
+@pytest.mark.parametrize("impl", ["opencv", "numpy"])
 @pytest.mark.parametrize("seed", range(5))
-def test_batched_nms_matches_torchvision(seed):
+def test_batched_nms_matches_torchvision(seed, impl, monkeypatch):
+    """OpenCV's NMS where it has NMSBoxesBatched, the numpy one where it does not: both equal torchvision's,
+    order included, with ties in score (seeds 3 and 4 round the scores to one decimal)."""
+    if impl == "numpy":
+        monkeypatch.setattr(B, "_CV_NMS", None)
+    else:
+        assert B._CV_NMS is not None, "this OpenCV has no cv2.dnn.NMSBoxesBatched"
     rng = np.random.default_rng(seed)
     n = 300
     xy = rng.uniform(0, 200, (n, 2))
     wh = rng.uniform(5, 60, (n, 2))
     boxes = np.concatenate([xy, xy + wh], 1).astype(np.float32)
     scores = rng.uniform(0, 1, n).astype(np.float32)
+    if seed >= 3:
+        scores = np.round(scores, 1).astype(np.float32)
     classes = rng.integers(0, 4, n)
     ours = B.batched_nms(boxes, scores, classes, 0.45)
     ref = tv_ops.batched_nms(torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(classes), 0.45).numpy()
@@ -115,12 +124,14 @@ def test_cell_cut_by_tile_border_is_found_once():
     np.testing.assert_allclose(merged.boxes[0], obj)
 
 
-def test_nms_large_input_uses_loop_and_agrees():
+@pytest.mark.parametrize("nms", [B.nms, B._nms_numpy])
+def test_nms_large_input_agrees(nms):
+    """2500 boxes: OpenCV's NMS, and the numpy one's per-box loop (above 2000 boxes), equal torchvision's."""
     rng = np.random.default_rng(7)
     n = 2500
     xy = rng.uniform(0, 1000, (n, 2))
     boxes = np.concatenate([xy, xy + rng.uniform(5, 80, (n, 2))], 1).astype(np.float32)
     scores = rng.uniform(0, 1, n).astype(np.float32)
-    ours = B.nms(boxes, scores, 0.5)
+    ours = nms(boxes, scores, 0.5)
     ref = tv_ops.nms(torch.from_numpy(boxes), torch.from_numpy(scores), 0.5).numpy()
     np.testing.assert_array_equal(ours, ref)

@@ -324,3 +324,18 @@ def test_slide_summary_one_fov_at_a_time_equals_the_whole_slide_at_once():
         assert s.organisms.get("candida", {}).get("fovs", 0) == sum(1 for f, _ in seen if (f - 100) % 7 == 0)
         assert s.max_suspicion == max(x.suspicion for _, x in seen)
     assert s.to_dict() == summarize_slide(dict(fovs), pol).to_dict()
+
+
+def test_white_point_percentile_from_a_histogram_equals_numpy():
+    """optical_density's white point of a uint8 frame comes from a 256-bin histogram per channel: the same
+    value as np.percentile (linear between order statistics), including at the extremes and with ties."""
+    from cyto_edge.runtime.nuclei import _percentile_u8
+
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        n = int(rng.integers(1, 5000))
+        x = rng.integers(0, 256, n).astype(np.uint8)
+        if trial % 2:
+            x = np.minimum(x, rng.integers(1, 256)).astype(np.uint8)     # a saturated top: many ties
+        for q in (0.0, 50.0, 99.5, 100.0):
+            assert _percentile_u8(np.bincount(x, minlength=256), q) == pytest.approx(np.percentile(x, q), abs=1e-6)

@@ -186,8 +186,9 @@ def probe_opencv() -> dict:
 
     gst = opencv_has_gstreamer(cv2.getBuildInformation())
     dists = _pip_opencv()
+    nms = "opencv" if hasattr(getattr(cv2, "dnn", None), "NMSBoxesBatched") else "numpy (OpenCV < 4.7: slower)"
     out = {"installed": True, "version": cv2.__version__, "gstreamer": gst, "pip_distributions": dists,
-           "path": str(Path(cv2.__file__).parent)}
+           "path": str(Path(cv2.__file__).parent), "nms": nms}
     warn = opencv_warning(platform.machine(), gst, dists)
     if warn:
         out["warning"] = warn
@@ -358,7 +359,7 @@ def _lib_row(name: str, info) -> tuple[str, str, str]:
     if not info.get("installed", True):
         detail = f"not installed ({info['install']})" + (f"; {info['hint']}" if info.get("hint") else "")
         return name, "[yellow]missing[/]", detail
-    details = {"opencv": lambda i: f"GStreamer {'yes' if i['gstreamer'] else 'no'}",
+    details = {"opencv": lambda i: f"GStreamer {'yes' if i['gstreamer'] else 'no'}; NMS {i.get('nms', '?')}",
                "torch": lambda i: (f"CUDA {i['cuda_version']}: {', '.join(i['cuda_devices'])}"
                                    if i["cuda_available"] else "CUDA not available (CPU only)"),
                "onnxruntime": lambda i: ", ".join(i["providers"]),

@@ -38,6 +38,9 @@ def test_report_has_the_documented_keys(report):
 
 
 def test_backends_installed_here(report):
+    from cyto_edge.runtime import boxes
+
+    assert report["opencv"]["nms"] == ("opencv" if boxes._CV_NMS is not None else "numpy (OpenCV < 4.7: slower)")
     assert "CPUExecutionProvider" in report["onnxruntime"]["providers"]
     assert "CPU" in report["openvino"]["devices"]
     import onnxruntime

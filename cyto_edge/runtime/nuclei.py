@@ -22,7 +22,8 @@ Squamous cells (`count_squamous`, the adequacy count of TBS): nuclei of normal s
 sheet of cytoplasm (the 25th percentile of the OD in a ring 6-11 µm from the centre, other nuclei left
 out, >= `cytoplasm_od`) and are not crowded (at most `crowd_max` other nuclei within 12 µm): squamous cells
 are 35-60 µm across, while inflammatory cells are small, pale-cytoplasm and clustered.
-Frames finer than 0.5 µm/px are first resized to 0.5 µm/px.
+Frames finer than 0.5 µm/px are first resized to 0.5 µm/px (tiling.rescale, as the detector's frames; a BGR
+uint8 frame is resampled as it is, so that step 1 works from its 256-entry table).
 """
 from __future__ import annotations
 

@@ -104,17 +104,16 @@ def optical_density(image: np.ndarray) -> np.ndarray:
     """Image -> (H, W, 3) float32 OD per BGR channel against the bright background (step 1)."""
     a = np.asarray(image)
     bgr8 = a.dtype == np.uint8 and a.ndim == 3 and a.shape[2] == 3 and a.size > 0
-    img = a if bgr8 else _as_bgr_float(a)
-    sample = img.reshape(-1, 3)[::7]
-    if bgr8:      # np.percentile's value (linear between order statistics), from a histogram per channel
-        white = np.maximum([_percentile_u8(np.bincount(sample[:, c], minlength=256), 99.5) for c in range(3)], 1.0)
-    else:
-        white = np.maximum(np.percentile(sample.astype(np.float32, copy=False), 99.5, axis=0), 1.0)
-    white = white.astype(np.float32)
-    if bgr8:      # a 256-entry table per channel: the same float32 arithmetic, once per grey level
-        lut = _od(np.arange(256, dtype=np.float32)[:, None], white)                      # (256, 3)
-        return cv2.LUT(np.ascontiguousarray(a), lut.reshape(1, 256, 3))
-    return _od(img, white)
+    if not bgr8:
+        img = _as_bgr_float(a)
+        white = np.maximum(np.percentile(img.reshape(-1, 3)[::7], 99.5, axis=0), 1.0).astype(np.float32)
+        return _od(img, white)
+    # np.percentile's value (linear between order statistics), from a histogram per channel; then a
+    # 256-entry table per channel: the same float32 arithmetic, once per grey level
+    sample = a.reshape(-1, 3)[::7]
+    white = np.maximum([_percentile_u8(np.bincount(sample[:, c], minlength=256), 99.5) for c in range(3)], 1.0)
+    lut = _od(np.arange(256, dtype=np.float32)[:, None], white.astype(np.float32))          # (256, 3)
+    return cv2.LUT(np.ascontiguousarray(a), lut.reshape(1, 256, 3))
 
 
 def nuclear_density(od: np.ndarray, um_per_px: float, p: NucleiParams = NucleiParams()) -> np.ndarray:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import os
 import sys
 import time
@@ -86,6 +87,34 @@ def command(recipe: str, sets: list[str], distill: bool) -> str:
     return f"cyto-edge {'distill' if distill else 'train'} {recipe} " + " ".join(f"--set {s}" for s in sets)
 
 
+def cached_train(recipe: str, sets: list[str], teacher: Path | None = None) -> tuple[Path, float, str, Path]:
+    """`train` through the benchmark cache: a run already finished with the same recipe text, overrides
+    (out_dir aside), teacher file and source is not trained again, so a benchmark stopped part-way (or
+    killed) continues where it stopped. (last checkpoint, seconds, command, run directory with metrics.csv)."""
+    from cyto_edge.train.config import CONFIG_DIR
+
+    own = [s for s in sets if not s.startswith("out_dir=")]
+    key = {"what": "bench_run", "recipe": (CONFIG_DIR / f"{recipe}.yaml").read_text(), "sets": own,
+           "teacher": file_sha256(teacher) if teacher is not None else None}
+
+    def build(d: Path) -> None:
+        _, secs = train(recipe, own + [f"out_dir={d / 'runs'}"])
+        (d / "train_seconds.txt").write_text(f"{secs:.1f}")
+        (d / "command.txt").write_text(command(recipe, own, teacher is not None))
+
+    d = cached(key, build)
+    run = next(iter(sorted((d / "runs").glob("*/last.pt")))).parent
+    return run / "last.pt", float((d / "train_seconds.txt").read_text()), (d / "command.txt").read_text(), run
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def teacher_checkpoint(data: Path, st: dict, threads: int, seed: int = 0, tag: str = "bench") -> Path:
     """A `teacher_cpu` checkpoint (one epoch of the recipe's steps x st["step_scale"]), cached by recipe text,
     data, step scale and seed, so every benchmark asking for the same teacher shares one. The key keeps the
@@ -108,7 +137,10 @@ def teacher_checkpoint(data: Path, st: dict, threads: int, seed: int = 0, tag: s
 
 
 def teacher_run_dir(teacher: Path) -> Path | None:
-    """The run directory (metrics.csv) kept beside a cached teacher, if any."""
+    """The run directory (metrics.csv) of a teacher: its own directory (a `cyto-edge train` run) or the one
+    kept beside a cached teacher; None when there is none."""
+    if (teacher.parent / "metrics.csv").is_file():
+        return teacher.parent
     found = sorted((teacher.parent / "runs").glob("*/metrics.csv"))
     return found[0].parent if found else None
 

@@ -25,6 +25,16 @@ teacher's mAP, <= 1/8 of its GFLOPs. They count only when the teacher reaches mA
 Setting: full: 400 fields of 512 px, the recipes' steps (hours on 2 cores); --small: 100 fields, 4% of the
 steps (~20-24), teacher seed 0 only: ~15 min on 2 idle cores, for the wiring and the loss-term magnitudes;
 a teacher this short does not learn, so its targets do not count (teacher_learned: false).
+
+A teacher trained beforehand (the README's CPU recipes: `cyto-edge train teacher_cpu --set data.root=DATA
+--set schedule.epochs=28 --set optim.batch_size=8`) and its data replace the setting's own:
+
+    python benchmarks/distillation.py --teacher runs/teacher_cpu/best.pt --data DATA --epochs 40
+
+students then train `--epochs` epochs of their recipe's steps per epoch on DATA's train split, and every
+row is evaluated on DATA's test split (the teacher row is that checkpoint, one "seed"). Every finished
+student run is cached (benchmarks/_cache.py: recipe, overrides, teacher file, source), so a run stopped
+part-way continues where it stopped when started again with the same arguments.
 """
 from __future__ import annotations
 
@@ -36,9 +46,8 @@ from pathlib import Path
 
 import numpy as np
 from _common import emit, parser
-from _detection import (NOISE, clean_synth, command, evaluate, load_average, loss_terms, mean_loss_terms, mean_std,
-                        model_size, noisy_synth, overrides, ratio_range, teacher_checkpoint, teacher_run_dir, tile_ms,
-                        train)
+from _detection import (NOISE, cached_train, clean_synth, evaluate, load_average, loss_terms, mean_loss_terms, mean_std,
+                        model_size, noisy_synth, overrides, ratio_range, teacher_checkpoint, teacher_run_dir, tile_ms)
 
 ROWS = {"student": "student_cpu", "+LD": "student_ld", "teacher": "teacher_cpu"}
 TEACHER_MIN_MAP50 = 0.5
@@ -63,7 +72,10 @@ def dataset(st: dict, labels: str) -> Path:
 def run_seed(row: str, seed: int, data: Path, st: dict, threads: int, tmp: Path, teacher0: Path | None) -> dict:
     """Train (or fetch the cached teacher), export, evaluate; the per-epoch loss terms of the run."""
     recipe = ROWS[row]
-    if row == "teacher":
+    if row == "teacher" and st.get("given_teacher"):
+        ckpt, secs, run_dir = teacher0, None, teacher_run_dir(teacher0)
+        cmd = f"given: {teacher0}"
+    elif row == "teacher":
         ckpt = teacher0 if seed == 0 else teacher_checkpoint(data, st, threads, seed, tag="distillation")
         secs = float((ckpt.parent / "train_seconds.txt").read_text())
         cmd, run_dir = (ckpt.parent / "command.txt").read_text(), teacher_run_dir(ckpt)
@@ -71,12 +83,12 @@ def run_seed(row: str, seed: int, data: Path, st: dict, threads: int, tmp: Path,
         distil = row == "+LD"
         sets, _ = overrides(recipe, data, seed, st["step_scale"], threads, tmp / "runs",
                             teacher0 if distil else None, epochs=st["epochs"])
-        ckpt, secs = train(recipe, sets)
-        cmd, run_dir = command(recipe, sets, distil), ckpt.parent
+        ckpt, secs, cmd, run_dir = cached_train(recipe, sets, teacher0 if distil else None)
     ev = evaluate(ckpt, data, threads, tmp / "bundles" / row.replace("+", "plus_"))
-    print(f"[distillation] {row} seed {seed}: mAP@0.5 {ev['map50']:.3f} ({secs:.0f} s training)", file=sys.stderr,
-          flush=True)
-    return {**ev, "seed": seed, "ckpt": str(ckpt), "train_seconds": round(secs, 1), "command": cmd,
+    took = "given" if secs is None else f"{secs:.0f} s training"
+    print(f"[distillation] {row} seed {seed}: mAP@0.5 {ev['map50']:.3f} ({took})", file=sys.stderr, flush=True)
+    return {**ev, "seed": seed, "ckpt": str(ckpt), "train_seconds": None if secs is None else round(secs, 1),
+            "command": cmd,
             "loss_terms": loss_terms(run_dir) if run_dir else []}
 
 
@@ -85,10 +97,15 @@ def row_figures(runs: list[dict], size: dict, ms: float | None) -> tuple[dict, d
     terms = mean_loss_terms([r["loss_terms"] for r in runs])
     fig = {"map50": mean_std([r["map50"] for r in runs], ddof=1), "map": mean_std([r["map"] for r in runs], ddof=1),
            "params": size["params"], "gflops": size["gflops"], "cpu_ms_per_tile_b1": ms,
-           "train_seconds": mean_std([r["train_seconds"] for r in runs])["mean"]}
+           "train_seconds": _mean_seconds([r["train_seconds"] for r in runs])}
     if ratio_range(terms):
         fig["ld_over_multibox"] = ratio_range(terms)
     return fig, terms
+
+
+def _mean_seconds(secs: list[float | None]) -> float | None:
+    known = [s for s in secs if s is not None]
+    return round(float(np.mean(known)), 1) if known else None
 
 
 def summary(maps: dict[str, list[float]], gflops: dict[str, float]) -> dict:
@@ -117,12 +134,43 @@ def summary(maps: dict[str, list[float]], gflops: dict[str, float]) -> dict:
     out["counted"] = bool(out["teacher_learned"])
     if t is not None and not out["teacher_learned"]:
         out["note"] = (f"the teacher reached mAP@0.5 {t:.3f} < {TEACHER_MIN_MAP50}: the targets do not count "
-                       f"(train longer: a larger --step-scale or the full setting)")
+                       f"(train longer: a larger --step-scale, the full setting, or --teacher with a teacher of the "
+                       f"README's CPU recipe)")
     return out
 
 
 def _r(x: float | None, nd: int = 4) -> float | None:
     return None if x is None else round(float(x), nd)
+
+
+def given_setting(st: dict, teacher: Path | None, data: Path | None, epochs: int | None) -> dict:
+    """The setting with a given teacher, data set and student epochs applied (checked: exit 2 on bad input)."""
+    st = dict(st)
+    if teacher is not None:
+        if data is None:
+            raise SystemExit("--teacher needs --data: the data set the teacher was trained on (its test split "
+                             "scores every row)")
+        if not teacher.is_file():
+            raise SystemExit(f"--teacher {teacher}: no such checkpoint")
+        st["given_teacher"] = str(teacher)
+    if data is not None:
+        from cyto_edge.errors import BadInput
+        from cyto_edge.train.data import load_detection
+
+        try:
+            load_detection(data, "test")
+        except BadInput as e:       # the loader names the file and what is wrong with it
+            raise SystemExit(f"--data {data}: no usable test split ({e})") from None
+    if epochs is not None:
+        if epochs < 1:
+            raise SystemExit(f"--epochs {epochs}: give at least 1")
+        from cyto_edge.train.config import load_config
+
+        recipe_epochs = load_config(ROWS["student"]).schedule.epochs
+        st.update(epochs=epochs, step_scale=epochs / recipe_epochs)
+    if data is not None:
+        st.update(images=None, size=None, test_fraction=None)
+    return st
 
 
 def main() -> None:
@@ -134,6 +182,15 @@ def main() -> None:
     p.add_argument("--labels", choices=["clean", "noisy"], default="clean",
                    help="Train labels: exact, or the ablation's noisy set (shares its cached teacher).")
     p.add_argument("--rows", default=",".join(ROWS), help=f"Comma-separated rows (default all: {','.join(ROWS)}).")
+    p.add_argument("--teacher", type=Path, default=None, metavar="CKPT",
+                   help="A trained teacher_cpu checkpoint: distil from it and report it as the teacher row, "
+                        "instead of the teacher the setting trains. Needs --data (the set it was trained on).")
+    p.add_argument("--data", type=Path, default=None, metavar="DIR",
+                   help="Train the students on DIR's train split and evaluate every row on its test split "
+                        "(a cyto-edge synth set at 1 µm/px, or a COCO set), instead of the setting's set.")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="Student epochs, each of the recipe's steps per epoch (e.g. 40 as in the README's "
+                        "recipes); default: the recipe's epochs with their steps x the step scale.")
     p.add_argument("--keep", action="store_true", help="Keep the runs and bundles (their directory is printed).")
     p.add_argument("--smoke", action="store_true", help=__import__("argparse").SUPPRESS)   # wiring check, 2 steps
     p.set_defaults(seeds=[0, 1, 2])
@@ -148,9 +205,13 @@ def main() -> None:
     unknown = set(rows) - set(ROWS)
     if unknown:
         raise SystemExit(f"--rows: unknown {', '.join(sorted(unknown))} (choose from {', '.join(ROWS)})")
-    data = dataset(st, args.labels)
+    st = given_setting(st, args.teacher, args.data, args.epochs)
+    data = args.data or dataset(st, args.labels)
     needs_teacher = bool({"+LD", "teacher"} & set(rows))
-    teacher0 = teacher_checkpoint(data, st, args.threads, 0, tag="distillation") if needs_teacher else None
+    if st.get("given_teacher"):
+        teacher0 = args.teacher
+    else:
+        teacher0 = teacher_checkpoint(data, st, args.threads, 0, tag="distillation") if needs_teacher else None
     tmp = Path(tempfile.mkdtemp(prefix="distillation-"))
     try:
         measure(args, st, rows, data, teacher0, tmp)

@@ -95,3 +95,36 @@ def test_overrides_touch_only_schedule_data_seed_and_housekeeping(tmp_path):
     assert abs(total - ref.total_steps * 0.5) <= ref.schedule.epochs
     assert cfg.optim == ref.optim and cfg.model == ref.model and cfg.aug == ref.aug and cfg.loss == ref.loss
     assert cfg.distill.model_dump(exclude={"teacher"}) == ref.distill.model_dump(exclude={"teacher"})
+
+
+def test_a_given_teacher_needs_its_data_and_epochs_scale_the_student_schedule(tmp_path):
+    st = distillation.settings(small=False)
+    with pytest.raises(SystemExit, match="--teacher needs --data"):
+        distillation.given_setting(st, tmp_path / "t.pt", None, None)
+    with pytest.raises(SystemExit, match="no such checkpoint"):
+        distillation.given_setting(st, tmp_path / "t.pt", tmp_path, None)
+    (tmp_path / "t.pt").write_bytes(b"x")
+    with pytest.raises(SystemExit, match="no usable test split"):
+        distillation.given_setting(st, tmp_path / "t.pt", tmp_path / "nothing", None)
+    with pytest.raises(SystemExit, match="at least 1"):
+        distillation.given_setting(st, None, None, 0)
+    got = distillation.given_setting(st, None, None, 40)           # 40 epochs of the recipe's 60 steps
+    sets, total = _detection.overrides("student_cpu", tmp_path, 0, got["step_scale"], 1, tmp_path, None,
+                                       epochs=got["epochs"])
+    assert "schedule.epochs=40" in sets and "schedule.steps_per_epoch=60" in sets and total == 2400
+    assert st["step_scale"] == 1.0 and "given_teacher" not in st        # the setting itself is not changed
+
+
+def test_cached_train_runs_once_and_a_changed_override_trains_again(tmp_path, monkeypatch, synth_small):
+    monkeypatch.setenv("CYTO_EDGE_CACHE", str(tmp_path / "cache"))
+    trained = []
+    real_train = _detection.train
+    monkeypatch.setattr(_detection, "train", lambda recipe, sets: trained.append(sets) or real_train(recipe, sets))
+    sets, total = _detection.overrides("tiny", synth_small, 0, 2 / 600, 1, tmp_path / "first", None, epochs=1)
+    ckpt, secs, cmd, run = _detection.cached_train("tiny", sets)
+    assert total <= 2 and ckpt.name == "last.pt" and ckpt.is_file() and secs > 0
+    assert (run / "metrics.csv").is_file() and cmd.startswith("cyto-edge train tiny") and "out_dir" not in cmd
+    moved = [s for s in sets if not s.startswith("out_dir=")] + [f"out_dir={tmp_path / 'second'}"]
+    assert _detection.cached_train("tiny", moved)[0] == ckpt and len(trained) == 1   # out_dir is not in the key
+    reseeded = [s.replace("seed=0", "seed=1") for s in sets]
+    assert _detection.cached_train("tiny", reseeded)[0] != ckpt and len(trained) == 2

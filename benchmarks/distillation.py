@@ -27,7 +27,7 @@ steps (~20-24), teacher seed 0 only: ~15 min on 2 idle cores, for the wiring and
 a teacher this short does not learn, so its targets do not count (teacher_learned: false).
 
 A teacher trained beforehand (the README's CPU recipes: `cyto-edge train teacher_cpu --set data.root=DATA
---set schedule.epochs=28 --set optim.batch_size=8`) and its data replace the setting's own:
+--set schedule.epochs=34`) and its data replace the setting's own:
 
     python benchmarks/distillation.py --teacher runs/teacher_cpu/best.pt --data DATA --epochs 40
 

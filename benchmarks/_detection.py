@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import os
 import sys
 import time
@@ -91,11 +90,12 @@ def cached_train(recipe: str, sets: list[str], teacher: Path | None = None) -> t
     """`train` through the benchmark cache: a run already finished with the same recipe text, overrides
     (out_dir aside), teacher file and source is not trained again, so a benchmark stopped part-way (or
     killed) continues where it stopped. (last checkpoint, seconds, command, run directory with metrics.csv)."""
+    from cyto_edge.runtime.bundle import sha256_file
     from cyto_edge.train.config import CONFIG_DIR
 
     own = [s for s in sets if not s.startswith("out_dir=")]
     key = {"what": "bench_run", "recipe": (CONFIG_DIR / f"{recipe}.yaml").read_text(), "sets": own,
-           "teacher": file_sha256(teacher) if teacher is not None else None}
+           "teacher": sha256_file(teacher) if teacher is not None else None}
 
     def build(d: Path) -> None:
         _, secs = train(recipe, own + [f"out_dir={d / 'runs'}"])
@@ -105,14 +105,6 @@ def cached_train(recipe: str, sets: list[str], teacher: Path | None = None) -> t
     d = cached(key, build)
     run = next(iter(sorted((d / "runs").glob("*/last.pt")))).parent
     return run / "last.pt", float((d / "train_seconds.txt").read_text()), (d / "command.txt").read_text(), run
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def teacher_checkpoint(data: Path, st: dict, threads: int, seed: int = 0, tag: str = "bench") -> Path:

@@ -144,7 +144,7 @@ def _r(x: float | None, nd: int = 4) -> float | None:
 
 
 def given_setting(st: dict, teacher: Path | None, data: Path | None, epochs: int | None) -> dict:
-    """The setting with a given teacher, data set and student epochs applied (checked: exit 2 on bad input)."""
+    """The setting with a given teacher, data set and student epochs applied; bad input exits with a message naming the argument."""
     st = dict(st)
     if teacher is not None:
         if data is None:
@@ -161,6 +161,7 @@ def given_setting(st: dict, teacher: Path | None, data: Path | None, epochs: int
             load_detection(data, "test")
         except BadInput as e:       # the loader names the file and what is wrong with it
             raise SystemExit(f"--data {data}: no usable test split ({e})") from None
+        st.update(images=None, size=None, test_fraction=None)
     if epochs is not None:
         if epochs < 1:
             raise SystemExit(f"--epochs {epochs}: give at least 1")
@@ -168,8 +169,6 @@ def given_setting(st: dict, teacher: Path | None, data: Path | None, epochs: int
 
         recipe_epochs = load_config(ROWS["student"]).schedule.epochs
         st.update(epochs=epochs, step_scale=epochs / recipe_epochs)
-    if data is not None:
-        st.update(images=None, size=None, test_fraction=None)
     return st
 
 

@@ -144,7 +144,8 @@ def _r(x: float | None, nd: int = 4) -> float | None:
 
 
 def given_setting(st: dict, teacher: Path | None, data: Path | None, epochs: int | None) -> dict:
-    """The setting with a given teacher, data set and student epochs applied; bad input exits with a message naming the argument."""
+    """The setting with a given teacher, data set and student epochs applied; bad input exits with a
+    message naming the argument."""
     st = dict(st)
     if teacher is not None:
         if data is None:

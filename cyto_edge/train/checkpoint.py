@@ -59,3 +59,23 @@ def model_from_checkpoint(ck: dict, ema: bool = True):
     sd = ck.get("ema_state_dict") if ema and ck.get("ema_state_dict") else ck["state_dict"]
     model.load_state_dict(sd)
     return model.eval()
+
+
+#: Entries of a training checkpoint that only `--resume` reads.
+RESUME_ONLY = ("optimizer", "ema_state_dict", "ema_updates", "rng")
+
+
+def slim_checkpoint(ck: dict, half: bool = True) -> dict:
+    """The checkpoint to publish: the weights evaluation, export and distillation use (the EMA weights when
+    there are any) as `state_dict`, without the optimizer state and the second copy of the weights that only
+    `--resume` needs; floating-point tensors in fp16 with `half` (loading copies them into the fp32 model, so
+    the model is the fp32 one up to fp16 rounding of its weights). Everything else (spec, classes, scale,
+    priors, config, history, provenance) is kept. A slim checkpoint cannot be resumed."""
+    sd = ck.get("ema_state_dict") or ck["state_dict"]
+    if half:
+        sd = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
+    out = {k: v for k, v in ck.items() if k not in RESUME_ONLY}
+    out["state_dict"] = sd
+    out["slim"] = {"weights": "ema" if ck.get("ema_state_dict") else "trained",
+                   "dtype": "float16" if half else "float32"}
+    return out

@@ -145,6 +145,9 @@ class Trainer:
         ck = ckpt_io.load_checkpoint(last)
         if list(ck["classes"]) != list(self.full.classes):
             raise BadInput(f"{last}: checkpoint classes do not match the dataset")
+        if ck.get("slim"):
+            raise BadInput(f"{last}: a slim checkpoint (`cyto-edge slim`) has no optimizer state and cannot be "
+                           f"resumed; start from it with --set model.init={last} instead")
         self.model.load_state_dict(ck["state_dict"])
         if self.ema and ck.get("ema_state_dict"):
             self.ema.module.load_state_dict(ck["ema_state_dict"])

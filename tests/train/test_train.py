@@ -128,3 +128,30 @@ def test_ddp_two_cpu_processes_with_gloo(toy_coco, tmp_path):
     assert res["world_size"] == 2 and res["ranks_in_sync"] is True
     ck = load_checkpoint(tmp_path / "runs" / "ddp" / "last.pt")
     assert ck["step"] == 8
+
+
+def test_slim_checkpoint_keeps_the_model_drops_resume_state_and_refuses_resume(tiny_checkpoint, synth_small, tmp_path,
+                                                                               capsys):
+    from cyto_edge.train.checkpoint import model_from_checkpoint
+
+    out = tmp_path / "slim.pt"
+    assert main(["slim", str(tiny_checkpoint), str(out)]) == 0
+    full, slim = load_checkpoint(tiny_checkpoint), load_checkpoint(out)
+    assert "optimizer" not in slim and "ema_state_dict" not in slim
+    assert slim["slim"] == {"weights": "ema", "dtype": "float16"}
+    assert all(v.dtype == torch.float16 for v in slim["state_dict"].values() if v.is_floating_point())
+    assert out.stat().st_size < tiny_checkpoint.stat().st_size / 4
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        ref, got = model_from_checkpoint(full)(x), model_from_checkpoint(slim)(x)
+    for r, g in zip(ref, got):                     # fp16 rounding of the weights only
+        assert (r - g).abs().max() <= 2e-3 * r.abs().max()
+    assert main(["slim", str(out), str(out)]) == 2                      # would replace the input
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "last.pt").write_bytes(out.read_bytes())
+    cfg = load_config("tiny", [f"data.root={synth_small}", f"out_dir={tmp_path / 'runs'}",
+                               "name=r", "workers=0", "tensorboard=false", "threads=1"])
+    capsys.readouterr()
+    with pytest.raises(Exception, match="slim checkpoint"):
+        Trainer(cfg, resume=True).setup()

@@ -68,3 +68,29 @@ def register(app: typer.Typer) -> None:
             print_json(result)
         else:
             typer.echo(f"best val mAP@0.5 {result['best_map50']:.3f}; checkpoints in {result['out_dir']}")
+
+    @app.command("slim", help=SLIM_HELP)
+    def slim(
+        ckpt: Path = typer.Argument(..., help="A detector checkpoint written by train or distill (best.pt, last.pt)."),
+        out: Path = typer.Argument(..., help="The slim checkpoint to write (.pt)."),
+        fp32: bool = typer.Option(False, "--fp32", help="Keep the weights in fp32 (default: fp16)."),
+    ):
+        from cyto_edge.errors import BadInput
+        from cyto_edge.runtime.bundle import sha256_file
+        from cyto_edge.train.checkpoint import load_checkpoint, save_checkpoint, slim_checkpoint
+
+        if out.resolve() == ckpt.resolve():
+            raise BadInput(f"{out}: give another path; the slim checkpoint would replace the resumable one")
+        ck = load_checkpoint(ckpt)
+        save_checkpoint(out, {k: v for k, v in slim_checkpoint(ck, half=not fp32).items() if k != "format"})
+        mb = lambda p: p.stat().st_size / 1e6  # noqa: E731
+        typer.echo(f"{out}: {mb(out):.1f} MB (from {mb(ckpt):.1f} MB), sha256 {sha256_file(out)}")
+
+
+SLIM_HELP = """Write the checkpoint to publish: the EMA weights in fp16, without the optimizer state.
+
+eval, export, distill --teacher and --set model.init= read it like the full checkpoint (the weights are
+loaded into the fp32 model); only --resume cannot, so keep last.pt for that. About a sixth of the size.
+
+    cyto-edge slim runs/teacher_cpu/best.pt weights/teacher_cpu.pt
+"""

@@ -160,8 +160,11 @@ def given_setting(st: dict, teacher: Path | None, data: Path | None, epochs: int
 
         try:
             load_detection(data, "test")
+            train_fp = load_detection(data, "train").fingerprint()
         except BadInput as e:       # the loader names the file and what is wrong with it
             raise SystemExit(f"--data {data}: no usable test split ({e})") from None
+        if teacher is not None:
+            check_teacher_data(teacher, data, train_fp)
         st.update(images=None, size=None, test_fraction=None)
     if epochs is not None:
         if epochs < 1:
@@ -171,6 +174,23 @@ def given_setting(st: dict, teacher: Path | None, data: Path | None, epochs: int
         recipe_epochs = load_config(ROWS["student"]).schedule.epochs
         st.update(epochs=epochs, step_scale=epochs / recipe_epochs)
     return st
+
+
+def check_teacher_data(teacher: Path, data: Path, train_fingerprint: str) -> None:
+    """A given teacher must have been trained on --data's train split (the fingerprint its checkpoint
+    records): a teacher from another set may have learned from the test fields that score every row."""
+    from cyto_edge.errors import BadInput
+    from cyto_edge.train.checkpoint import load_checkpoint
+
+    try:
+        ck = load_checkpoint(teacher)
+    except BadInput as e:
+        raise SystemExit(f"--teacher {e}") from None
+    if ck.get("dataset_fingerprint") != train_fingerprint:
+        trained_on = (ck.get("config") or {}).get("data", {}).get("root", "?")
+        raise SystemExit(f"--teacher {teacher}: trained on another data set (data.root {trained_on}, fingerprint "
+                         f"{ck.get('dataset_fingerprint')}) than --data {data} (train split {train_fingerprint}); "
+                         f"give the set it was trained on, or remake it with the command that made it")
 
 
 def main() -> None:

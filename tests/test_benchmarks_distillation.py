@@ -128,3 +128,22 @@ def test_cached_train_runs_once_and_a_changed_override_trains_again(tmp_path, mo
     assert _detection.cached_train("tiny", moved)[0] == ckpt and len(trained) == 1   # out_dir is not in the key
     reseeded = [s.replace("seed=0", "seed=1") for s in sets]
     assert _detection.cached_train("tiny", reseeded)[0] != ckpt and len(trained) == 2
+
+
+def test_a_given_teacher_must_have_been_trained_on_the_given_data(tiny_checkpoint, synth_small, tmp_path):
+    import json
+
+    st = distillation.settings(small=False)
+    got = distillation.given_setting(st, tiny_checkpoint, synth_small, None)   # the fixture's own training set
+    assert got["given_teacher"] == str(tiny_checkpoint)
+    other = tmp_path / "other"                        # the same set with one train field fewer
+    other.mkdir()
+    d = json.loads((synth_small / "train.json").read_text())
+    gone = d["images"].pop()["id"]
+    d["annotations"] = [a for a in d["annotations"] if a["image_id"] != gone]
+    (other / "train.json").write_text(json.dumps(d))
+    (other / "test.json").write_text((synth_small / "test.json").read_text())
+    for sub in ("train", "test"):
+        (other / sub).symlink_to(synth_small / sub)
+    with pytest.raises(SystemExit, match="trained on another data set"):
+        distillation.given_setting(st, tiny_checkpoint, other, None)

@@ -90,7 +90,7 @@ def register(app: typer.Typer) -> None:
 SLIM_HELP = """Write the checkpoint to publish: the EMA weights in fp16, without the optimizer state.
 
 eval, export, distill --teacher and --set model.init= read it like the full checkpoint (the weights are
-loaded into the fp32 model); only --resume cannot, so keep last.pt for that. About a sixth of the size.
+loaded into the fp32 model); only --resume cannot, so keep last.pt for that. About an eighth of the size of last.pt.
 
     cyto-edge slim runs/teacher_cpu/best.pt weights/teacher_cpu.pt
 """

@@ -7,6 +7,8 @@ tiles of the train split). One JSON line per exported file and engine:
   model.int8.onnx       ONNX Runtime int8        openvino/model.int8.xml  OpenVINO int8
   model.int8.u8.onnx    ONNX Runtime, uint8 asymmetric activations (a diagnostic: not in the bundle,
                         TensorRT refuses it; shows what the symmetric int8 file costs ONNX Runtime)
+  model.int8.headfloat.onnx  ONNX Runtime and OpenVINO: the bundle's int8 file with the detection head's
+                        last convolutions left in float (a diagnostic: where the INT8 loss comes from)
 Figures: mAP@0.5 on the clean test split (tiled as on the device), ms per tile at batch 1 and 8
 (p50 of interleaved rounds, same thread count for every engine), the INT8/FP32 speed ratio of the
 same engine measured in this run, the QDQ weight fraction, OpenVINO's convolution precisions, and the
@@ -34,7 +36,9 @@ from _export_model import settings, trained_student
 
 VARIANTS = [("model.onnx", "onnxruntime", "fp32"), ("model.int8.onnx", "onnxruntime", "int8"),
             ("model.int8.u8.onnx", "onnxruntime", "int8"), ("openvino/model.xml", "openvino", "fp32"),
-            ("openvino/model.int8.xml", "openvino", "int8"), ("model.int8.onnx", "openvino", "int8")]
+            ("openvino/model.int8.xml", "openvino", "int8"), ("model.int8.onnx", "openvino", "int8"),
+            ("model.int8.headfloat.onnx", "onnxruntime", "int8"), ("model.int8.headfloat.onnx", "openvino", "int8")]
+DIAGNOSTIC = ("model.int8.u8.onnx", "model.int8.headfloat.onnx")   # beside the bundle's files, not in its gate
 
 
 def export(ckpt: Path, data: Path, out: Path, method: str, threads: int):
@@ -45,17 +49,22 @@ def export(ckpt: Path, data: Path, out: Path, method: str, threads: int):
     return export_bundle(ckpt, opts, show_progress=False, check=False)
 
 
-def add_u8_variant(bundle: Path, data: Path, method: str) -> None:
-    """model.int8.u8.onnx beside the bundle's files (manifest untouched, so `file=` cannot load it: see engines)."""
+def add_diagnostic_variants(bundle: Path, data: Path, method: str) -> None:
+    """Two INT8 files beside the bundle's, recorded with the role "diagnostic" (see engine):
+    model.int8.u8.onnx (uint8 asymmetric activations) and model.int8.headfloat.onnx (the detection head's
+    last convolutions left in float), with the same calibration tiles and method as the bundle's file."""
     from cyto_edge.export.calibration import calibration_tiles
-    from cyto_edge.export.quantize import export_int8
+    from cyto_edge.export.quantize import export_int8, output_convolutions
     from cyto_edge.runtime.bundle import Bundle, file_entry
     from cyto_edge.train.data import load_detection
 
     b = Bundle.open(bundle)
     tiles = calibration_tiles(load_detection(data, "train"), b.manifest, 64)
-    export_int8(bundle / "model.onnx", bundle / "model.int8.u8.onnx", tiles, method, activations="uint8")
-    b.manifest.files.append(file_entry(bundle, "model.int8.u8.onnx", "onnx", "int8-qdq", role="diagnostic"))
+    fp32 = bundle / "model.onnx"
+    export_int8(fp32, bundle / DIAGNOSTIC[0], tiles, method, activations="uint8")
+    export_int8(fp32, bundle / DIAGNOSTIC[1], tiles, method, keep_float=output_convolutions(fp32))
+    for name in DIAGNOSTIC:
+        b.manifest.files.append(file_entry(bundle, name, "onnx", "int8-qdq", role="diagnostic"))
     b.save()
 
 
@@ -63,7 +72,7 @@ def engine(b, path: str, backend: str, precision: str, threads: int):
     from cyto_edge.runtime.bundle import Bundle
     from cyto_edge.runtime.engines import load_engine
 
-    if path.endswith(".u8.onnx"):   # a diagnostic file: load it as the detector of a bundle view
+    if path in DIAGNOSTIC:          # a diagnostic file: load it as the detector of a bundle view
         view = Bundle(b.path, b.manifest.model_copy(deep=True))
         for f in view.manifest.files:
             f.role = "detector" if f.path == path else ("other" if f.role == "detector" else f.role)
@@ -118,7 +127,7 @@ def main() -> None:
         data, ckpt, train = trained_student(st, threads=args.threads)
     out = Path(tempfile.mkdtemp(prefix="export-bench-")) / "student.cytobundle"
     summary = export(ckpt, data, out, args.calib_method, args.threads)
-    add_u8_variant(out, data, args.calib_method)
+    add_diagnostic_variants(out, data, args.calib_method)
     from cyto_edge.export.calibration import calibration_tiles
     from cyto_edge.export.quantize import qdq_coverage
     from cyto_edge.export.verify import conv_precisions
@@ -147,7 +156,7 @@ def main() -> None:
             fig["openvino_convolutions"] = conv_precisions(eng)["convolutions"]
             fig["inference_precision"] = eng.inference_precision
         counts = maps[ref] is not None and maps[ref] >= 0.5
-        if be == "openvino" and "int8" in f:
+        if be == "openvino" and "int8" in f and f not in DIAGNOSTIC:
             fig["targets"] = {"counted": counts, "drop_le_0.5": fig["map50_drop_points"] <= 0.5,
                               "speedup_ge_1.5_b1": fig["int8_speedup_b1"] >= 1.5,
                               "speedup_ge_1.5_b8": fig["int8_speedup_b8"] >= 1.5}

@@ -56,12 +56,13 @@ def _method(name: str):
 
 def export_int8(fp32_onnx: str | Path, out: str | Path, tiles: np.ndarray, method: str = "minmax",
                 overrides: dict[str, tuple[float, float]] | None = None, batch: int = 8,
-                activations: str = "int8", reduce_range: bool = True) -> Path:
+                activations: str = "int8", reduce_range: bool = True, keep_float: list[str] | None = None) -> Path:
     """Quantize `fp32_onnx` with calibration `tiles` (N, 3, H, W) float32 into the QDQ file `out`.
 
     activations "int8" (symmetric, the bundle's one file) or "uint8" (asymmetric: ONNX Runtime on x86 can then
     drop the ReLU/Clip between Q/DQ pairs, but TensorRT refuses it; benchmarks compare the two).
-    reduce_range: 7-bit weights (see the module docstring); False gives full-range 8-bit weights."""
+    reduce_range: 7-bit weights (see the module docstring); False gives full-range 8-bit weights.
+    keep_float: names of nodes left in float (e.g. output_convolutions(fp32_onnx), the detection head's last)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -89,8 +90,32 @@ def export_int8(fp32_onnx: str | Path, out: str | Path, tiles: np.ndarray, metho
                             op_types_to_quantize=list(WEIGHT_OPS), per_channel=True, reduce_range=reduce_range,
                             activation_type=QuantType.QInt8 if activations == "int8" else QuantType.QUInt8,
                             weight_type=QuantType.QInt8, calibrate_method=calib, extra_options=extra,
+                            nodes_to_exclude=list(keep_float or []),
                             calibration_providers=["CPUExecutionProvider"])
     return out
+
+
+def output_convolutions(path: str | Path) -> list[str]:
+    """Names of the Conv nodes whose output reaches no other Conv: a detector's last convolutions, which
+    produce the box regressions and class logits."""
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def reaches_conv(tensor: str, seen: set) -> bool:
+        for c in consumers.get(tensor, []):
+            if id(c) in seen:
+                continue
+            seen.add(id(c))
+            if c.op_type == "Conv" or any(reaches_conv(o, seen) for o in c.output):
+                return True
+        return False
+
+    return [n.name for n in g.node if n.op_type == "Conv" and not any(reaches_conv(o, set()) for o in n.output)]
 
 
 def qdq_coverage(path: str | Path) -> dict:

@@ -6,7 +6,7 @@ import pytest
 
 from cyto_edge.errors import BadInput
 from cyto_edge.export.calibration import TileReader, calibration_tiles, image_tiles, read_rgb, scale_factor
-from cyto_edge.export.quantize import METHODS, export_int8, qdq_coverage, zero_points_nonzero
+from cyto_edge.export.quantize import METHODS, export_int8, output_convolutions, qdq_coverage, zero_points_nonzero
 from cyto_edge.export.trt_lint import lint_onnx
 from cyto_edge.runtime.bundle import Bundle
 
@@ -92,3 +92,13 @@ def test_int8_file_keeps_the_float_graph_s_operators(tiles, tmp_path):
 def test_unknown_method_is_bad_input(tiny_bundle, tiles, tmp_path):
     with pytest.raises(BadInput, match="--calib-method"):
         export_int8(tiny_bundle / "model.onnx", tmp_path / "x.onnx", tiles, "kl")
+
+
+def test_the_head_s_output_convolutions_can_stay_float(tiny_bundle, tiles, tmp_path):
+    fp32 = tiny_bundle / "model.onnx"
+    head = output_convolutions(fp32)
+    assert len(head) == 8                                # tiny: 4 levels x (box regression, class logits)
+    out = export_int8(fp32, tmp_path / "headfloat.onnx", tiles, "minmax", keep_float=head)
+    cov = qdq_coverage(out)
+    assert sorted(cov["not_quantized"]) == sorted(head) and cov["quantized"] == cov["weights"] - 8
+    assert zero_points_nonzero(out) == [] and lint_onnx(out) == []

@@ -94,7 +94,10 @@ def cached_train(recipe: str, sets: list[str], teacher: Path | None = None) -> t
     from cyto_edge.train.config import CONFIG_DIR
 
     own = [s for s in sets if not s.startswith("out_dir=")]
-    key = {"what": "bench_run", "recipe": (CONFIG_DIR / f"{recipe}.yaml").read_text(), "sets": own,
+    # The thread count changes how fast a run trains, not what it learns: runs trained with other threads
+    # (e.g. two 1-thread runs side by side) serve a later call with --threads 2.
+    key = {"what": "bench_run", "recipe": (CONFIG_DIR / f"{recipe}.yaml").read_text(),
+           "sets": [s for s in own if not s.startswith("threads=")],
            "teacher": sha256_file(teacher) if teacher is not None else None}
 
     def build(d: Path) -> None:

@@ -7,8 +7,9 @@ tiles of the train split). One JSON line per exported file and engine:
   model.int8.onnx       ONNX Runtime int8        openvino/model.int8.xml  OpenVINO int8
   model.int8.u8.onnx    ONNX Runtime, uint8 asymmetric activations (a diagnostic: not in the bundle,
                         TensorRT refuses it; shows what the symmetric int8 file costs ONNX Runtime)
-  model.int8.headfloat.onnx  ONNX Runtime and OpenVINO: the bundle's int8 file with the detection head's
-                        last convolutions left in float (a diagnostic: where the INT8 loss comes from)
+  model.int8.qout.onnx  ONNX Runtime and OpenVINO: the bundle's int8 file with Q/DQ pairs on the head's
+                        raw outputs too (ONNX Runtime's default placement; a diagnostic: what float
+                        outputs save, see cyto_edge/export/quantize.py unquantize_outputs)
 Figures: mAP@0.5 on the clean test split (tiled as on the device), ms per tile at batch 1 and 8
 (p50 of interleaved rounds, same thread count for every engine), the INT8/FP32 speed ratio of the
 same engine measured in this run, the QDQ weight fraction, OpenVINO's convolution precisions, and the
@@ -37,8 +38,8 @@ from _export_model import settings, trained_student
 VARIANTS = [("model.onnx", "onnxruntime", "fp32"), ("model.int8.onnx", "onnxruntime", "int8"),
             ("model.int8.u8.onnx", "onnxruntime", "int8"), ("openvino/model.xml", "openvino", "fp32"),
             ("openvino/model.int8.xml", "openvino", "int8"), ("model.int8.onnx", "openvino", "int8"),
-            ("model.int8.headfloat.onnx", "onnxruntime", "int8"), ("model.int8.headfloat.onnx", "openvino", "int8")]
-DIAGNOSTIC = ("model.int8.u8.onnx", "model.int8.headfloat.onnx")   # beside the bundle's files, not in its gate
+            ("model.int8.qout.onnx", "onnxruntime", "int8"), ("model.int8.qout.onnx", "openvino", "int8")]
+DIAGNOSTIC = ("model.int8.u8.onnx", "model.int8.qout.onnx")   # beside the bundle's files, not in its gate
 
 
 def export(ckpt: Path, data: Path, out: Path, method: str, threads: int):
@@ -51,10 +52,10 @@ def export(ckpt: Path, data: Path, out: Path, method: str, threads: int):
 
 def add_diagnostic_variants(bundle: Path, data: Path, method: str) -> None:
     """Two INT8 files beside the bundle's, recorded with the role "diagnostic" (see engine):
-    model.int8.u8.onnx (uint8 asymmetric activations) and model.int8.headfloat.onnx (the detection head's
-    last convolutions left in float), with the same calibration tiles and method as the bundle's file."""
+    model.int8.u8.onnx (uint8 asymmetric activations) and model.int8.qout.onnx (the head's raw outputs
+    quantized too), with the same calibration tiles and method as the bundle's file."""
     from cyto_edge.export.calibration import calibration_tiles
-    from cyto_edge.export.quantize import export_int8, output_convolutions
+    from cyto_edge.export.quantize import export_int8
     from cyto_edge.runtime.bundle import Bundle, file_entry
     from cyto_edge.train.data import load_detection
 
@@ -62,7 +63,7 @@ def add_diagnostic_variants(bundle: Path, data: Path, method: str) -> None:
     tiles = calibration_tiles(load_detection(data, "train"), b.manifest, 64)
     fp32 = bundle / "model.onnx"
     export_int8(fp32, bundle / DIAGNOSTIC[0], tiles, method, activations="uint8")
-    export_int8(fp32, bundle / DIAGNOSTIC[1], tiles, method, keep_float=output_convolutions(fp32))
+    export_int8(fp32, bundle / DIAGNOSTIC[1], tiles, method, float_outputs=False)
     for name in DIAGNOSTIC:
         b.manifest.files.append(file_entry(bundle, name, "onnx", "int8-qdq", role="diagnostic"))
     b.save()

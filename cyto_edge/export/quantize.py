@@ -5,7 +5,8 @@
 
 The one file serves ONNX Runtime, OpenVINO and TensorRT, so it is written in the form all three take:
 QuantizeLinear/DequantizeLinear pairs (QuantFormat.QDQ) on the weighted operations (Conv, Gemm: their
-weights and inputs, TensorRT's recommended Q/DQ placement; everything else stays float), weights int8
+weights and inputs, TensorRT's recommended Q/DQ placement; everything else stays float, and so do the
+detector's raw outputs: `unquantize_outputs`), weights int8
 symmetric per output channel in a 7-bit range ([-64, 64], `reduce_range`), activations int8 symmetric per
 tensor (zero point 0), biases float. The 7-bit weights are for x86 CPUs without VNNI (AVX2 only, e.g. many
 AMD EPYC and older Intel Core): their u8 x s8 kernels (vpmaddubsw) add pairs of products in 16 bits, which
@@ -23,6 +24,11 @@ low-precision transformations run the convolutions in u8/i8 (see OpenVinoEngine.
 Calibration methods (onnxruntime.quantization.CalibrationMethod): minmax (range of every tensor over
 the calibration tiles), entropy (KL-divergence threshold of the histogram, as TensorRT's calibrator),
 percentile (99.999th percentile of |x|). Calibration tiles come from export/calibration.py.
+Entropy runs ONNX Runtime's calibrator directly (`entropy_ranges`): through quantize_static it keeps
+num_bins = num_quantized_bins = 128, which leaves a single candidate threshold, the whole range (its
+get_entropy_threshold), so "entropy" gave exactly minmax's ranges. Here the histogram has 2048 bins
+over [-max|x|, max|x|] and the candidates are quantized to 255 bins (int8's levels over that span), as
+TensorRT's entropy calibrator does; the ranges reach quantize_static as TensorQuantOverrides.
 `overrides` pins activation ranges by tensor name (quantization-aware fine-tuning, export/qat.py).
 """
 from __future__ import annotations
@@ -41,7 +47,8 @@ from cyto_edge.export.onnx import INPUT_NAME
 METHODS = ("minmax", "entropy", "percentile")
 WEIGHT_OPS = ("Conv", "Gemm")          # quantized operator types (and those counted by qdq_coverage)
 SETTINGS = {"format": "QDQ", "weights": "int8 symmetric per-channel, 7-bit range",
-            "activations": "int8 symmetric per-tensor", "bias": "float"}
+            "activations": "int8 symmetric per-tensor", "bias": "float",
+            "outputs": "float (no Q/DQ on the outputs of the head's last convolutions)"}
 
 
 def _method(name: str):
@@ -56,13 +63,16 @@ def _method(name: str):
 
 def export_int8(fp32_onnx: str | Path, out: str | Path, tiles: np.ndarray, method: str = "minmax",
                 overrides: dict[str, tuple[float, float]] | None = None, batch: int = 8,
-                activations: str = "int8", reduce_range: bool = True, keep_float: list[str] | None = None) -> Path:
+                activations: str = "int8", reduce_range: bool = True, keep_float: list[str] | None = None,
+                float_outputs: bool = True) -> Path:
     """Quantize `fp32_onnx` with calibration `tiles` (N, 3, H, W) float32 into the QDQ file `out`.
 
     activations "int8" (symmetric, the bundle's one file) or "uint8" (asymmetric: ONNX Runtime on x86 can then
     drop the ReLU/Clip between Q/DQ pairs, but TensorRT refuses it; benchmarks compare the two).
     reduce_range: 7-bit weights (see the module docstring); False gives full-range 8-bit weights.
-    keep_float: names of nodes left in float (e.g. output_convolutions(fp32_onnx), the detection head's last)."""
+    keep_float: names of nodes left in float (e.g. output_convolutions(fp32_onnx), the detection head's last).
+    float_outputs: no Q/DQ pair on the outputs of the head's last convolutions (`unquantize_outputs`); their
+    weights and inputs stay int8. False quantizes those outputs too (ONNX Runtime's default placement)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -74,9 +84,6 @@ def export_int8(fp32_onnx: str | Path, out: str | Path, tiles: np.ndarray, metho
     extra: dict = {"ActivationSymmetric": activations == "int8", "WeightSymmetric": True, "QuantizeBias": False}
     if method == "percentile":
         extra["CalibPercentile"] = 99.999
-    if overrides:
-        extra["TensorQuantOverrides"] = {name: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
-                                         for name, (lo, hi) in overrides.items()}
     with tempfile.TemporaryDirectory(prefix="cyto-int8-") as tmp:
         pre = Path(tmp) / "pre.onnx"
         # the calibrators print progress to stdout: keep the command's --json output clean
@@ -86,12 +93,46 @@ def export_int8(fp32_onnx: str | Path, out: str | Path, tiles: np.ndarray, metho
             # student's OpenVINO int8 file ran 7.3 ms per tile against 4.8 ms without the rewrite (ORT 20.4 vs
             # 13.6 ms; 1 thread, batch 1). The fp32 graph is already folded (BatchNorm, constants) at export.
             quant_pre_process(str(fp32_onnx), str(pre), skip_symbolic_shape=True, skip_optimization=True)
+            ranges = {}
+            if method == "entropy":      # ranges from our own histogram run; quantize_static only applies them
+                ranges = entropy_ranges(pre, tiles, batch, symmetric=activations == "int8")
+                calib = _method("minmax")
+            ranges.update(overrides or {})
+            if ranges:
+                extra["TensorQuantOverrides"] = {name: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
+                                                 for name, (lo, hi) in ranges.items()}
             quantize_static(str(pre), str(out), TileReader(tiles, INPUT_NAME, batch), quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=list(WEIGHT_OPS), per_channel=True, reduce_range=reduce_range,
                             activation_type=QuantType.QInt8 if activations == "int8" else QuantType.QUInt8,
                             weight_type=QuantType.QInt8, calibrate_method=calib, extra_options=extra,
                             nodes_to_exclude=list(keep_float or []),
                             calibration_providers=["CPUExecutionProvider"])
+    if float_outputs:
+        unquantize_outputs(out)
+    return out
+
+
+def entropy_ranges(onnx_path: str | Path, tiles: np.ndarray, batch: int = 8, symmetric: bool = True,
+                   num_bins: int = 2048, num_quantized_bins: int = 255) -> dict[str, tuple[float, float]]:
+    """Activation ranges by minimal KL divergence (TensorRT's entropy calibration) for the inputs and
+    outputs of the Conv/Gemm nodes of `onnx_path`, from ONNX Runtime's HistogramCalibrater with a fine
+    histogram (see the module docstring). {tensor: (rmin, rmax)}."""
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator
+
+    with tempfile.TemporaryDirectory(prefix="cyto-entropy-") as tmp:
+        cal = create_calibrator(Path(onnx_path), list(WEIGHT_OPS),
+                                augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                calibrate_method=CalibrationMethod.Entropy, providers=["CPUExecutionProvider"],
+                                extra_options={"symmetric": symmetric, "num_bins": num_bins,
+                                               "num_quantized_bins": num_quantized_bins})
+        cal.collect_data(TileReader(tiles, INPUT_NAME, batch))
+        data = cal.compute_data()
+        del cal
+    out = {}
+    for name, td in data.items():
+        lo, hi = (float(np.asarray(v).reshape(-1)[0]) for v in td.range_value)
+        out[name] = (lo, hi)
     return out
 
 
@@ -116,6 +157,60 @@ def output_convolutions(path: str | Path) -> list[str]:
         return False
 
     return [n.name for n in g.node if n.op_type == "Conv" and not any(reaches_conv(o, set()) for o in n.output)]
+
+
+def unquantize_outputs(path: str | Path, convs: list[str] | None = None) -> list[str]:
+    """Drop the QuantizeLinear/DequantizeLinear pair on the OUTPUT of `convs` (default: output_convolutions,
+    the head's box regressions and class logits) of the QDQ file `path`, in place; their weights and inputs
+    stay quantized. The names of the convolutions changed.
+
+    ONNX Runtime's QDQ quantizer puts a Q/DQ pair on every quantized Conv's output. On the head's last
+    convolutions that rounds the detector's raw outputs to one per-tensor int8 step: on the CPU teacher
+    (minmax over 64 tiles) the ten output tensors got steps of 0.09 to 2.1 (class logits spanning +-270 at
+    the finest level), which tied and reordered the scores each class's ranking is made of; mAP@0.5 fell
+    by 10-14 points, and by 0.02 (ONNX Runtime) and 1.1 (OpenVINO) without those pairs (README Status). Without the pair the convolution still runs in int8
+    with a float output: OpenVINO's low-precision transformations need dequantized inputs only, TensorRT
+    recommends Q/DQ on inputs, not on a network's outputs. ONNX Runtime runs these few convolutions in
+    float on the dequantized int8 weights and inputs (its QLinearConv fusion needs the output pair)."""
+    import onnx
+
+    path = Path(path)
+    m = onnx.load(str(path))
+    g = m.graph
+    names = set(output_convolutions(path) if convs is None else convs)
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    graph_outputs = {o.name for o in g.output}
+    drop, changed = [], []
+    for conv in [n for n in g.node if n.op_type in WEIGHT_OPS and n.name in names]:
+        out = conv.output[0]
+        qs = consumers.get(out, [])
+        if not qs or any(q.op_type != "QuantizeLinear" for q in qs) or out in graph_outputs:
+            continue
+        dqs = [d for q in qs for d in consumers.get(q.output[0], [])]
+        if any(d.op_type != "DequantizeLinear" for d in dqs) or any(q.output[0] in graph_outputs for q in qs):
+            continue
+        for d in dqs:
+            if d.output[0] in graph_outputs:           # the pair ended the graph: the conv takes the name
+                for c in consumers.get(out, []):
+                    c.input[:] = [d.output[0] if i == out else i for i in c.input]
+                conv.output[0] = out = d.output[0]
+            for c in consumers.get(d.output[0], []):
+                c.input[:] = [out if i == d.output[0] else i for i in c.input]
+        drop += qs + dqs
+        changed.append(conv.name)
+    keep = [n for n in g.node if all(n is not d for d in drop)]
+    del g.node[:]
+    g.node.extend(keep)
+    used = {i for n in g.node for i in n.input}
+    inits = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
+    return changed
 
 
 def qdq_coverage(path: str | Path) -> dict:

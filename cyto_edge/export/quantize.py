@@ -191,16 +191,25 @@ def _kl_divergence(p: np.ndarray, q: np.ndarray, eps: float = 1e-4) -> float:
     return float(np.sum(ps * np.log(ps / qs)))
 
 
+def _consumers(g) -> dict[str, list]:
+    """{tensor name: the nodes of graph `g` that read it}."""
+    out: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            out.setdefault(i, []).append(n)
+    return out
+
+
 def output_convolutions(path: str | Path) -> list[str]:
     """Names of the Conv nodes whose output reaches no other Conv: a detector's last convolutions, which
     produce the box regressions and class logits."""
     import onnx
 
-    g = onnx.load(str(path), load_external_data=False).graph
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    return _output_convolutions(onnx.load(str(path), load_external_data=False).graph)
+
+
+def _output_convolutions(g) -> list[str]:
+    consumers = _consumers(g)
 
     def reaches_conv(tensor: str, seen: set) -> bool:
         for c in consumers.get(tensor, []):
@@ -215,30 +224,28 @@ def output_convolutions(path: str | Path) -> list[str]:
 
 
 def unquantize_outputs(path: str | Path, convs: list[str] | None = None) -> list[str]:
-    """Drop the QuantizeLinear/DequantizeLinear pair on the OUTPUT of `convs` (default: output_convolutions,
-    the head's box regressions and class logits) of the QDQ file `path`, in place; their weights and inputs
-    stay quantized. The names of the convolutions changed.
+    """Drop the QuantizeLinear/DequantizeLinear pair on the OUTPUT of `convs` (default: the output
+    convolutions, the head's box regressions and class logits) of the QDQ file `path`, in place; their
+    weights and inputs stay quantized. Returns the names of the convolutions changed.
 
     ONNX Runtime's QDQ quantizer puts a Q/DQ pair on every quantized Conv's output. On the head's last
     convolutions that rounds the detector's raw outputs to one per-tensor int8 step: on the CPU teacher
     (minmax over 64 tiles) the ten output tensors got steps of 0.09 to 2.1 (class logits spanning +-270 at
     the finest level), which tied and reordered the scores each class's ranking is made of; mAP@0.5 fell
-    by 10-14 points, and by 0.02 (ONNX Runtime) and 1.1 (OpenVINO) without those pairs (README Status). Without the pair the convolution still runs in int8
-    with a float output: OpenVINO's low-precision transformations need dequantized inputs only, TensorRT
-    recommends Q/DQ on inputs, not on a network's outputs. ONNX Runtime runs these few convolutions in
-    float on the dequantized int8 weights and inputs (its QLinearConv fusion needs the output pair)."""
+    by 10-14 points, and by 0.05 (ONNX Runtime) and 1.1 (OpenVINO) without those pairs (README Status).
+    Without the pair the convolution still runs in int8 with a float output: OpenVINO's low-precision
+    transformations need dequantized inputs only, TensorRT recommends Q/DQ on inputs, not on a network's
+    outputs. ONNX Runtime runs these few convolutions in float on the dequantized int8 weights and inputs
+    (its QLinearConv fusion needs the output pair)."""
     import onnx
 
     path = Path(path)
     m = onnx.load(str(path))
     g = m.graph
-    names = set(output_convolutions(path) if convs is None else convs)
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    names = set(_output_convolutions(g) if convs is None else convs)
+    consumers = _consumers(g)
     graph_outputs = {o.name for o in g.output}
-    drop, changed = [], []
+    drop, changed = set(), []
     for conv in [n for n in g.node if n.op_type in WEIGHT_OPS and n.name in names]:
         out = conv.output[0]
         qs = consumers.get(out, [])
@@ -249,14 +256,12 @@ def unquantize_outputs(path: str | Path, convs: list[str] | None = None) -> list
             continue
         for d in dqs:
             if d.output[0] in graph_outputs:           # the pair ended the graph: the conv takes the name
-                for c in consumers.get(out, []):
-                    c.input[:] = [d.output[0] if i == out else i for i in c.input]
                 conv.output[0] = out = d.output[0]
             for c in consumers.get(d.output[0], []):
                 c.input[:] = [out if i == d.output[0] else i for i in c.input]
-        drop += qs + dqs
+        drop.update(id(n) for n in qs + dqs)
         changed.append(conv.name)
-    keep = [n for n in g.node if all(n is not d for d in drop)]
+    keep = [n for n in g.node if id(n) not in drop]
     del g.node[:]
     g.node.extend(keep)
     used = {i for n in g.node for i in n.input}
